@@ -1,0 +1,40 @@
+"""Errors raised by the protocol core.
+
+    ProtocolError
+    ├── CodecError            a value cannot be encoded to / decoded from registers
+    ├── PlanError             a read plan cannot be made (point larger than one request, ...)
+    ├── SunSpecError          no SunS marker, a broken model chain, an unknown model
+    ├── ProfileError          a device profile file is missing or invalid (names file and key)
+    ├── MessageError          an MQTT payload does not match its schema
+    └── TopicError            a topic is not one of ours
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """Base of every error the protocol core raises."""
+
+
+class CodecError(ProtocolError):
+    """A value does not fit its point type, or registers do not decode."""
+
+
+class PlanError(ProtocolError):
+    """The points cannot be planned into Modbus read requests."""
+
+
+class SunSpecError(ProtocolError):
+    """The SunSpec model chain is missing or malformed."""
+
+
+class ProfileError(ProtocolError):
+    """A device profile is invalid; the message names the file and the key."""
+
+
+class MessageError(ProtocolError):
+    """A payload does not validate against its message schema."""
+
+
+class TopicError(ProtocolError):
+    """A topic string is not an `emu/v1/...` topic this project knows."""
