@@ -16,9 +16,21 @@ app = typer.Typer(
 )
 
 
-def main() -> None:
-    """Console-script entry point."""
+_registered = False
+
+
+def register() -> None:
+    """Attach every component's sub-commands (imported late so `emu --help` stays fast)."""
+    global _registered
+    if _registered:
+        return
     from simulators.cli import app as sim_app
 
     app.add_typer(sim_app, name="sim")
+    _registered = True
+
+
+def main() -> None:
+    """Console-script entry point."""
+    register()
     app()

@@ -6,6 +6,7 @@
     ├── SunSpecError          no SunS marker, a broken model chain, an unknown model
     ├── ProfileError          a device profile file is missing or invalid (names file and key)
     ├── MessageError          an MQTT payload does not match its schema
+    ├── FirmwareImageError    a firmware image is truncated, foreign or malformed
     └── TopicError            a topic is not one of ours
 """
 
@@ -34,6 +35,10 @@ class ProfileError(ProtocolError):
 
 class MessageError(ProtocolError):
     """A payload does not validate against its message schema."""
+
+
+class FirmwareImageError(ProtocolError):
+    """A firmware image cannot be parsed or does not belong to the unit."""
 
 
 class TopicError(ProtocolError):

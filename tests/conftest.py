@@ -1,0 +1,46 @@
+"""Fixtures for the real services every test layer shares: MQTT broker and database.
+
+`EMU_TEST_MQTT_URL` / `EMU_TEST_DATABASE_URL` (set by `.ci/run`) select Mosquitto and
+PostgreSQL; without them the suite falls back to an in-process amqtt broker and SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.broker import BrokerInfo, EmbeddedBroker, external_broker
+from tests.support.database import external_database, sqlite_url
+
+MQTT_URL_ENV = "EMU_TEST_MQTT_URL"
+DATABASE_URL_ENV = "EMU_TEST_DATABASE_URL"
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker() -> Iterator[BrokerInfo]:
+    """The MQTT broker for this test session: external if `EMU_TEST_MQTT_URL`, else amqtt."""
+    url = os.environ.get(MQTT_URL_ENV)
+    if url:
+        yield external_broker(url)
+        return
+    broker = EmbeddedBroker()
+    info = broker.start()
+    try:
+        yield info
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SQLAlchemy URL of the test database: `EMU_TEST_DATABASE_URL`, else a SQLite file.
+
+    Session-scoped like the PostgreSQL database it stands for: tests must not rely on starting
+    from an empty database, only on the schema and rows they create themselves.
+    """
+    url = os.environ.get(DATABASE_URL_ENV)
+    if url:
+        return external_database(url)
+    return sqlite_url(tmp_path_factory.mktemp("db"))
