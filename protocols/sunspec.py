@@ -234,7 +234,7 @@ class ModelChainWalker:
         if len(self.models) >= self.max_models:
             raise SunSpecError(f"more than {self.max_models} models: the chain does not end")
         nxt = self._cursor + 2 + length
-        if nxt > 0xFFFF:
+        if nxt + 2 > 0x10000:  # the next header (or end marker) must fit below 65536
             raise SunSpecError(f"model {model_id} at {self._cursor} runs past the register map")
         self.models.append(ModelHeader(model_id, length, self._cursor))
         self._cursor = nxt

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from protocols.errors import ProfileError, SunSpecError
+from protocols.errors import CodecError, ProfileError, SunSpecError
 from protocols.registers import (
     ByteOrder,
     PointDef,
@@ -60,6 +60,20 @@ class InputPoint(_Strict):
     word_order: WordOrder = WordOrder.BIG
     byte_order: ByteOrder = ByteOrder.BIG
     label: str | None = None
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> InputPoint:
+        try:
+            PointDef(
+                name=self.name,
+                address=self.address,
+                type=self.type,
+                size=self.size or register_count(self.type),
+                table=self.table,
+            )
+        except CodecError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
 
 
 class Profile(_Strict):
@@ -185,8 +199,10 @@ def model_def(model_id: int) -> ModelDef:
 def _format_validation(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        lines.append(f"{source}: {loc}: {err['msg']}")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        loc = ".".join(str(x) for x in err["loc"])
+        # cross-field checks name their key in the message already
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
     return "\n".join(lines)
 
 
@@ -196,7 +212,7 @@ def parse_profile(data: dict[str, Any], source: str = "<profile>") -> Profile:
         return Profile.model_validate(data)
     except ValidationError as exc:
         raise ProfileError(_format_validation(source, exc)) from exc
-    except SunSpecError as exc:
+    except (SunSpecError, CodecError) as exc:
         raise ProfileError(f"{source}: models: {exc}") from exc
 
 
@@ -206,6 +222,8 @@ def load_profile_file(path: Path) -> Profile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ProfileError(f"{path}: no such profile file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: cannot read the profile file: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}") from exc
     return parse_profile(data, str(path))
