@@ -24,9 +24,11 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from agent.cli import app as agent_app
     from simulators.cli import app as sim_app
 
     app.add_typer(sim_app, name="sim")
+    app.add_typer(agent_app, name="agent")
     _registered = True
 
 

@@ -1,0 +1,183 @@
+"""Agent settings: one TOML file (`emu agent --config agent.toml`), every key also `EMU_AGENT_*`.
+
+Nested keys use `__` in the environment (`EMU_AGENT_BROKER__URL`); `devices` takes JSON
+there. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from emu.settings import FileSettings, load_settings
+from protocols.topics import validate_site
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(_Section):
+    """The central broker: `mqtt://` or `mqtts://` (TLS), credentials, client certificate."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_id: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        url = urlparse(value)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ValueError("must look like mqtt://host[:port] or mqtts://host[:port]")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> BrokerSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for f in (self.ca_file, self.cert_file, self.key_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"{f}: no such file")
+        return self
+
+    @property
+    def host(self) -> str:
+        """Broker host name."""
+        return urlparse(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """Broker port (1883, or 8883 for mqtts)."""
+        url = urlparse(self.url)
+        return url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        """Whether to use TLS."""
+        return urlparse(self.url).scheme == "mqtts"
+
+
+class UplinkSettings(_Section):
+    """Batching and publishing."""
+
+    batch_max_points: int = Field(default=1000, ge=1, le=100_000)
+    batch_max_age_s: float = Field(default=1.0, gt=0, le=300)
+    compress: bool = False
+    max_inflight: int = Field(default=50, ge=1, le=1000)
+    health_interval_s: float = Field(default=30.0, gt=0)
+
+
+class SpoolSettings(_Section):
+    """Store-and-forward on disk."""
+
+    path: Path = Path("emu-agent-spool.db")
+    max_mb: float = Field(default=256.0, gt=0)
+
+
+class DeviceSettings(_Section):
+    """One unit: where it is, how to talk to it, what it is."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    protocol: Literal["modbus-tcp", "modbus-rtu", "mqtt"]
+    profile: str = Field(description="a shipped series (EMU-BS), a profile file, or 'sunspec'")
+    host: str | None = None
+    port: int = Field(default=502, ge=1, le=65535)
+    unit_id: int = Field(default=1, ge=0, le=247)
+    serial_port: str | None = None
+    baudrate: int = Field(default=9600, gt=0)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+    topic: str | None = None
+    poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    timeout_s: float = Field(default=1.0, gt=0, le=60)
+    retries: int = Field(default=1, ge=0, le=10)
+    comm_loss_after: int = Field(default=3, ge=1, le=100, description="failed cycles")
+    max_gap: int | None = Field(default=None, ge=0, le=120)
+
+    @model_validator(mode="after")
+    def _check_protocol(self) -> DeviceSettings:
+        if self.protocol == "modbus-tcp" and not self.host:
+            raise ValueError("a modbus-tcp device needs host")
+        if self.protocol == "modbus-rtu" and not self.serial_port:
+            raise ValueError("a modbus-rtu device needs serial_port")
+        if self.protocol == "mqtt" and not self.topic:
+            raise ValueError("an mqtt device needs topic")
+        if self.protocol == "mqtt" and self.profile == "sunspec":
+            raise ValueError("sunspec discovery needs a Modbus device")
+        return self
+
+
+class LocalMqttSettings(_Section):
+    """The site-local broker that MQTT-native units publish to."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        url = urlparse(value)
+        if url.scheme != "mqtt" or not url.hostname:
+            raise ValueError("must look like mqtt://host[:port]")
+        return value
+
+
+class AgentSettings(FileSettings):
+    """Everything `emu agent` needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMU_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    site: str
+    agent_id: str | None = None
+    state_dir: Path = Path(".")
+    broker: BrokerSettings = BrokerSettings()
+    uplink: UplinkSettings = UplinkSettings()
+    spool: SpoolSettings = SpoolSettings()
+    local_mqtt: LocalMqttSettings = LocalMqttSettings()
+    devices: tuple[DeviceSettings, ...] = ()
+
+    @field_validator("site")
+    @classmethod
+    def _check_site(cls, value: str) -> str:
+        return validate_site(value)
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> AgentSettings:
+        names = [d.name for d in self.devices]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"devices: duplicate name {', '.join(dupes)}")
+        return self
+
+    @property
+    def agent(self) -> str:
+        """The agent's id in every message (defaults to the site id)."""
+        return self.agent_id or self.site
+
+    @property
+    def spool_path(self) -> Path:
+        """Spool file, relative paths under `state_dir`."""
+        path = self.spool.path
+        return path if path.is_absolute() else self.state_dir / path
+
+
+def load_agent_settings(path: Path | None) -> AgentSettings:
+    """Settings from `path` and the environment; emu.settings.ConfigError names bad keys."""
+    return load_settings(AgentSettings, path)

@@ -1,0 +1,267 @@
+"""One coordinator per Modbus unit: polls on a fixed schedule and hands typed samples on.
+
+A cycle reads the planner's requests, decodes them through the profile, and gives every
+point a quality: `good`, `out_of_range` (outside the profile's range), `stale` (its request
+failed this cycle, so the last good value is repeated) or `comm_lost` (the unit has missed
+`comm_loss_after` cycles). Alarm-bit and state changes become events. A failure marks the
+unit unavailable and is counted; it never ends the loop, and a slow cycle skips the slots it
+overran instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from agent.config import DeviceSettings
+from agent.devices.modbus import ModbusLink
+from agent.errors import CommError, DeviceError, ReplyError
+from protocols.clock import Clock, SystemClock
+from protocols.messages import EventKind, Quality, Severity
+from protocols.planner import ReadRequest, plan_reads
+from protocols.profiles import Profile
+from protocols.registers import PointDef, PointType, RegisterImage, Value, decode_image
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[str, Value | None, Quality]
+_ALARM_TYPES = (PointType.BITFIELD16, PointType.BITFIELD32)
+_STATE_TYPES = (PointType.ENUM16, PointType.ENUM32)
+_NOT_TELEMETRY = (PointType.SUNSSF, PointType.PAD)
+
+
+class Sink(Protocol):
+    """Where samples and events go (the batcher)."""
+
+    def add_samples(self, device: str, ts: datetime, samples: Iterable[Sample]) -> None:
+        """Accept one cycle's samples of one device."""
+
+    def add_event(
+        self, ts: datetime, kind: EventKind, device: str | None, code: str | None = None,
+        severity: Severity = Severity.INFO, detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Accept one event."""
+
+
+@dataclass
+class DeviceStats:
+    """Counters per unit, for health and `emu agent status`."""
+
+    cycles: int = 0
+    failed_cycles: int = 0
+    skipped_slots: int = 0
+    reads: int = 0
+    timeouts: int = 0
+    exceptions: int = 0
+    malformed: int = 0
+    errors: int = 0
+    points: int = 0
+    last_error: str | None = None
+    reads_per_cycle: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    attempts: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        """The wait before the next attempt."""
+        self.attempts += 1
+        return self.rng.uniform(0, min(self.cap, self.base * 2 ** min(self.attempts, 16)))
+
+    def reset(self) -> None:
+        """After a success."""
+        self.attempts = 0
+
+
+class ModbusCoordinator:
+    """Polls one unit through one `ModbusLink`."""
+
+    def __init__(
+        self,
+        device: DeviceSettings,
+        profile: Profile,
+        link: ModbusLink,
+        sink: Sink,
+        clock: Clock | None = None,
+        backoff_cap_s: float = 30.0,
+    ) -> None:
+        self.device = device
+        self.name = device.name
+        self.link = link
+        self.sink = sink
+        self.clock = clock or SystemClock()
+        self.stats = DeviceStats()
+        self.backoff = Backoff(cap=backoff_cap_s)
+        self.comm_lost = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last: dict[str, Value | None] = {}
+        self.set_profile(profile)
+
+    def set_profile(self, profile: Profile) -> None:
+        """Plan the reads for a profile (also after SunSpec discovery)."""
+        self.profile = profile
+        gap = self.device.max_gap if self.device.max_gap is not None else profile.max_gap
+        self.points: tuple[PointDef, ...] = profile.poll_points
+        self.plan: list[ReadRequest] = plan_reads(self.points, max_gap=gap)
+        self._by_name = {p.name: p for p in self.points}
+        self.stats.reads_per_cycle = len(self.plan)
+
+    async def run(self) -> None:
+        """Poll forever on a fixed schedule (start + k * interval)."""
+        loop = asyncio.get_running_loop()
+        interval = self.device.poll_interval_s
+        next_at = loop.time()
+        while True:
+            ok = await self.poll_once()
+            next_at += interval
+            now = loop.time()
+            if now > next_at:
+                missed = math.ceil((now - next_at) / interval)
+                self.stats.skipped_slots += missed
+                next_at += missed * interval
+                if not ok:
+                    await self._failed(missed)  # the slots a dead unit ate count as failures
+            await asyncio.sleep(next_at - now)
+
+    async def poll_once(self) -> bool:
+        """One cycle; True if the unit answered. Never raises (but for cancellation)."""
+        self.stats.cycles += 1
+        ts = self.clock.now()
+        try:
+            image, failed = await self._read_all()
+        except CommError as exc:
+            self._note(exc)
+            self.link.close()
+            await self._failed(1)
+            return False
+        except Exception as exc:  # a bug must not end the loop
+            log.exception("%s: unexpected error in a poll cycle", self.name)
+            self.stats.errors += 1
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            await self._failed(1)
+            return False
+        self._answered(ts)
+        self._emit(ts, image, failed)
+        return True
+
+    async def _read_all(self) -> tuple[RegisterImage, set[str]]:
+        if not self.link.connected:
+            now = asyncio.get_running_loop().time()
+            if now < self._retry_at:
+                raise CommError(f"{self.link.where}: waiting to reconnect")
+            try:
+                await self.link.connect()
+            except CommError:
+                self._retry_at = now + self.backoff.next_delay()
+                raise
+            self.backoff.reset()
+        image = RegisterImage()
+        failed: set[str] = set()
+        for req in self.plan:
+            self.stats.reads += 1
+            try:
+                regs = await self.link.read(req.table, req.address, req.count)
+            except ReplyError as exc:
+                self._note(exc)
+                failed.update(req.points)
+                continue
+            image.put(req.table, req.address, regs)
+        if failed and len(failed) == len(self.points):
+            raise CommError(f"{self.link.where}: every read of the cycle failed")
+        return image, failed
+
+    def _note(self, exc: DeviceError) -> None:
+        self.stats.last_error = str(exc)
+        if isinstance(exc, ReplyError):
+            if exc.exception_code is None:
+                self.stats.malformed += 1
+            else:
+                self.stats.exceptions += 1
+            log.info("%s", exc)
+        else:
+            self.stats.timeouts += 1
+            log.debug("%s", exc)
+
+    async def _failed(self, cycles: int) -> None:
+        self.stats.failed_cycles += cycles
+        self._failures += cycles
+        if not self.comm_lost and self._failures >= self.device.comm_loss_after:
+            self.comm_lost = True
+            ts = self.clock.now()
+            self.sink.add_event(
+                ts, EventKind.COMM_LOST, self.name, "comm_lost", Severity.ALARM,
+                {"failed_cycles": self._failures, "last_error": self.stats.last_error},
+            )
+            self.sink.add_samples(
+                self.name, ts,
+                ((p.name, None, Quality.COMM_LOST) for p in self.points
+                 if p.type not in _NOT_TELEMETRY),
+            )
+            log.warning("%s: communication lost (%s)", self.name, self.stats.last_error)
+
+    def _answered(self, ts: datetime) -> None:
+        if self.comm_lost:
+            self.comm_lost = False
+            self.sink.add_event(ts, EventKind.COMM_RESTORED, self.name, "comm_lost",
+                                Severity.INFO, {"failed_cycles": self._failures})
+            log.warning("%s: communication restored", self.name)
+        self._failures = 0
+
+    def _emit(self, ts: datetime, image: RegisterImage, failed: set[str]) -> None:
+        readings = decode_image(self.points, image)
+        samples: list[Sample] = []
+        for p in self.points:
+            if p.type in _NOT_TELEMETRY:
+                continue
+            r = readings.get(p.name)
+            if r is None:
+                if p.name in failed and self._last.get(p.name) is not None:
+                    samples.append((p.name, self._last[p.name], Quality.STALE))
+                continue
+            if r.value is None:
+                continue  # "not implemented" on this unit
+            self._changes(ts, p, r.value)
+            self._last[p.name] = r.value
+            samples.append((p.name, r.value, Quality.OUT_OF_RANGE if r.out_of_range
+                            else Quality.GOOD))
+        self.stats.points += len(samples)
+        self.sink.add_samples(self.name, ts, samples)
+
+    def _changes(self, ts: datetime, p: PointDef, value: Value) -> None:
+        """Alarm bits that rose or fell, and state enums that changed, since the last cycle."""
+        old = self._last.get(p.name)
+        if old is None or old == value or not p.symbols:
+            return
+        names = p.symbol_map()
+        if p.type in _ALARM_TYPES and isinstance(old, int) and isinstance(value, int):
+            for bit, name in names.items():
+                was, now = bool(old >> bit & 1), bool(value >> bit & 1)
+                if was != now:
+                    self.sink.add_event(
+                        ts, EventKind.ALARM_RAISED if now else EventKind.ALARM_CLEARED,
+                        self.name, name, Severity.ALARM if now else Severity.INFO,
+                        {"point": p.name},
+                    )
+        elif p.type in _STATE_TYPES and isinstance(value, int):
+            self.sink.add_event(
+                ts, EventKind.STATE_CHANGED, self.name, names.get(value, str(value)),
+                Severity.INFO,
+                {"point": p.name, "from": names.get(int(old), old), "to": names.get(value, value)},
+            )
