@@ -73,9 +73,11 @@ def load_settings(settings_cls: type[S], path: Path | None, **overrides: Any) ->
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = _where(settings_cls, tuple(err["loc"]), path)
             msg = str(err["msg"]).removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling)"
-            lines.append(f"{where}: {msg}")
+            if not err["loc"]:  # a cross-field check names its key itself
+                lines.append(f"{path}: {msg}" if path else msg)
+                continue
+            lines.append(f"{_where(settings_cls, tuple(err['loc']), path)}: {msg}")
         raise ConfigError("\n".join(lines)) from exc

@@ -6,8 +6,11 @@ collects and runs its other tests even where psycopg or aiosqlite is not install
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from tests.support.net import accepts_connections
 from tests.support.waiting import wait_until
@@ -35,3 +38,27 @@ def external_database(url: str) -> str:
         f"the database at {host}:{port} (EMU_TEST_DATABASE_URL) to accept connections",
     )
     return url
+
+
+@contextmanager
+def fresh_database(base_url: str, directory: Path) -> Iterator[str]:
+    """A new, empty database for one test session, dropped afterwards.
+
+    PostgreSQL: `CREATE DATABASE emu_t_<random>` on the server of `base_url` (so tests never
+    see a schema left behind by another run); SQLite: a new file in `directory`.
+    """
+    parts = urlsplit(base_url)
+    if parts.scheme.startswith("sqlite"):
+        yield f"sqlite+aiosqlite:///{directory / f'emu-{secrets.token_hex(4)}.db'}"
+        return
+    import psycopg  # only when a PostgreSQL test database is asked for
+
+    name = f"emu_t_{secrets.token_hex(6)}"
+    admin = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, ""))
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

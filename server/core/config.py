@@ -1,0 +1,116 @@
+"""Server settings: `emu server --config server.toml`, every key also `EMU_*`.
+
+Secrets are never defaulted outside `emu demo`: a server started without `secret_key` or a
+bootstrap admin token refuses to start (unless `demo = true`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from emu.settings import FileSettings, load_settings
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttSettings(_Section):
+    """The central broker the ingest worker subscribes to."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    client_id: str | None = None
+    shared_group: str | None = Field(
+        default="emu-ingest", description="shared subscription group; empty to disable"
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        url = urlparse(value)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ValueError("must look like mqtt://host[:port] or mqtts://host[:port]")
+        return value
+
+    @property
+    def host(self) -> str:
+        """Broker host."""
+        return urlparse(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """Broker port."""
+        url = urlparse(self.url)
+        return url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+
+class HttpSettings(_Section):
+    """Where the API listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class StorageSettings(_Section):
+    """Telemetry retention and rollups."""
+
+    raw_retention_days: float = Field(default=30.0, gt=0)
+    rollup_1m_retention_days: float = Field(default=365.0, gt=0)
+    rollup_interval_s: float = Field(default=60.0, gt=0)
+
+
+class ServerSettings(FileSettings):
+    """Everything `emu server` needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMU_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    database_url: str = "sqlite+aiosqlite:///emu-server.db"
+    roles: tuple[Literal["api", "ingest", "scheduler"], ...] = ("api", "ingest", "scheduler")
+    secret_key: str | None = None
+    admin_token: str | None = Field(
+        default=None, description="bootstrap token of the first admin (hashed on first start)"
+    )
+    demo: bool = False
+    migrate_on_start: bool = True
+    mqtt: MqttSettings = MqttSettings()
+    http: HttpSettings = HttpSettings()
+    storage: StorageSettings = StorageSettings()
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_db(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme not in ("sqlite+aiosqlite", "postgresql+psycopg", "postgresql+asyncpg"):
+            raise ValueError(
+                "use sqlite+aiosqlite:///path.db or postgresql+psycopg://user@host/db"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _no_default_secrets(self) -> ServerSettings:
+        if not self.demo and "api" in self.roles and not self.secret_key:
+            raise ValueError("secret_key: required outside `emu demo` (EMU_SECRET_KEY)")
+        if self.secret_key is not None and len(self.secret_key) < 16:
+            raise ValueError("secret_key: use at least 16 characters")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        """SQLite (embedded) rather than PostgreSQL."""
+        return self.database_url.startswith("sqlite")
+
+
+def load_server_settings(path: Path | None, **overrides: object) -> ServerSettings:
+    """Settings from `path` and `EMU_*`; emu.settings.ConfigError names bad keys."""
+    return load_settings(ServerSettings, path, **overrides)
