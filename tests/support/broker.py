@@ -16,11 +16,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from emu.broker import ClosingBroker, broker_config
 from tests.support.net import LOOPBACK, accepts_connections, free_tcp_port
 from tests.support.waiting import wait_until
 
@@ -105,23 +105,6 @@ def _offers_shared_subscriptions(host: str, port: int) -> bool:
     return outcome["shared"]
 
 
-class _ClosingBroker(Broker):  # type: ignore[misc]  # amqtt has no type hints: Broker is Any
-    """amqtt's Broker, closing each client stream when its connection handler returns.
-
-    amqtt 0.12 drains before closing a client's writer and skips the close when the drain fails
-    or is cancelled (the client already hung up), leaking the socket; under
-    `filterwarnings = error` the ResourceWarning from its finaliser fails a random later test.
-    """
-
-    async def stream_connected(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
-    ) -> None:
-        try:
-            await super().stream_connected(reader, writer, listener_name)
-        finally:
-            writer.close()
-
-
 class EmbeddedBroker:
     """amqtt on a loopback port, run by a daemon thread with its own event loop."""
 
@@ -184,7 +167,7 @@ class EmbeddedBroker:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        broker = _ClosingBroker(self._config())
+        broker = ClosingBroker(broker_config(self.host, self.port))
         try:
             await broker.start()
         except Exception as exc:  # reported to the starting thread, which raises it
@@ -196,13 +179,3 @@ class EmbeddedBroker:
             await self._stop.wait()
         finally:
             await broker.shutdown()
-
-    def _config(self) -> dict[str, Any]:
-        # Plugins are named explicitly: the default set includes BrokerSysPlugin, which warns
-        # (DeprecationWarning about psutil) and publishes $SYS topics the tests do not need.
-        return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-            },
-        }

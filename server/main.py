@@ -1,0 +1,135 @@
+"""One server process: the roles it runs (API, ingest, scheduler) around one database.
+
+By default a process runs all three; `roles` in the settings splits them for scale-out
+(e.g. several API + ingest processes and one scheduler). Each role is a task; a failing role
+is logged and restarted with a capped backoff, and the process stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from protocols.clock import Clock, SystemClock
+from server.core.config import ServerSettings
+from server.core.db import Database, migrate
+
+log = logging.getLogger(__name__)
+SCHEDULER_TICK_S = 5.0
+
+
+class ServerProcess:
+    """Runs the configured roles until `stop` is set."""
+
+    def __init__(self, settings: ServerSettings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.db = Database(settings.database_url)
+        self.api_port: int | None = None
+        self.started = asyncio.Event()
+        self._uvicorn: Any = None
+        self.ingest: Any = None
+        self.faults: Any = None
+
+    async def prepare(self) -> None:
+        """Migrate (if configured) and create the bootstrap admin."""
+        if self.settings.migrate_on_start:
+            await migrate(self.settings.database_url)
+        if self.settings.admin_token:
+            from server.core.security import ensure_admin
+
+            await ensure_admin(self.db, self.settings.admin_token)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Prepare, start every role, wait for `stop`, shut down."""
+        from server.faults.engine import FaultEngine
+
+        await self.prepare()
+        self.faults = FaultEngine(self.clock)
+        tasks: list[asyncio.Task[None]] = []
+        roles = self.settings.roles
+        if "ingest" in roles:
+            tasks.append(asyncio.create_task(self._supervise("ingest", self._ingest)))
+        if "scheduler" in roles:
+            tasks.append(asyncio.create_task(self._supervise("scheduler", self._scheduler)))
+        if "api" in roles:
+            tasks.append(asyncio.create_task(self._api()))
+        else:
+            self.started.set()
+        try:
+            await stop.wait()
+        finally:
+            if self._uvicorn is not None:
+                self._uvicorn.should_exit = True
+            if self.ingest is not None:
+                await self.ingest.stop()
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.db.close()
+
+    async def _supervise(self, name: str, role: Callable[[], Awaitable[None]]) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await role()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("role %s failed; restarting in %.0f s", name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _ingest(self) -> None:
+        from server.ingest.worker import IngestWorker
+
+        self.ingest = IngestWorker(self.settings, self.db, on_telemetry=self.faults.on_telemetry,
+                                   on_event=self.faults.on_event)
+        await self.ingest.run()
+
+    async def _scheduler(self) -> None:
+        from server import scheduler_jobs
+
+        storage = self.settings.storage
+        loop = asyncio.get_running_loop()
+        next_rollup = loop.time()
+        while True:
+            try:
+                async with self.db.session() as session:
+                    await self.faults.tick(session, self.clock.now())
+                if loop.time() >= next_rollup:
+                    await scheduler_jobs.run_rollups(self.db, self.clock.now())
+                    await scheduler_jobs.run_retention(self.db, self.clock.now(), storage)
+                    next_rollup = loop.time() + storage.rollup_interval_s
+            except Exception:
+                log.exception("scheduler tick failed")
+            await asyncio.sleep(SCHEDULER_TICK_S)
+
+    async def _api(self) -> None:
+        import uvicorn
+
+        from server.app import create_app
+
+        app = create_app(self.settings, self.db)
+        config = uvicorn.Config(app, host=self.settings.http.host, port=self.settings.http.port,
+                                log_level="warning", lifespan="on")
+        process = self
+
+        class _Server(uvicorn.Server):
+            async def startup(self, sockets: list[Any] | None = None) -> None:
+                await super().startup(sockets)
+                for srv in getattr(self, "servers", []):
+                    for sock in srv.sockets:
+                        process.api_port = sock.getsockname()[1]
+                process.started.set()
+
+        server = _Server(config)
+        self._uvicorn = server
+        try:
+            await server.serve()
+        finally:
+            self.started.set()  # a failed start must not leave waiters hanging
