@@ -19,6 +19,7 @@ from protocols.profiles import load_profile, shipped_profiles
 from simulators.control import DEFAULT_CONTROL_PORT, ControlServer, request
 from simulators.errors import SimulatorError
 from simulators.faults import FAULTS
+from simulators.serial import DEFAULT_BAUDRATE
 from simulators.server import SimConfig, Simulator
 
 app = typer.Typer(
@@ -63,6 +64,17 @@ def run(
     reboot_s: Annotated[
         float, typer.Option(min=0.0, help="Seconds a unit reboots after an update.")
     ] = 3.0,
+    serial: Annotated[
+        str | None,
+        typer.Option(
+            "--serial",
+            help="Also serve the units over Modbus RTU on this serial port (unit ids 1..N), "
+            "e.g. /dev/ttyUSB0 or one end of a socat pty pair.",
+        ),
+    ] = None,
+    baudrate: Annotated[
+        int, typer.Option(min=1, help="Baud rate of --serial (8 data bits, no parity, 1 stop).")
+    ] = DEFAULT_BAUDRATE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run N simulated units until interrupted."""
@@ -85,6 +97,8 @@ def run(
             one_port_per_unit=one_port_per_unit,
             firmware_version=firmware_version,
             reboot_s=reboot_s,
+            serial_port=serial,
+            baudrate=baudrate,
         )
     except (ProfileError, ValueError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
@@ -124,6 +138,11 @@ async def _serve(
             series = sorted({u.profile.series for u in ep.units})
             typer.echo(
                 f"modbus tcp {ep.host}:{ep.port} unit ids {ids[0]}..{ids[-1]} ({', '.join(series)})"
+            )
+        if sim.serial is not None:
+            line = sim.serial
+            typer.echo(
+                f"modbus rtu {line.port} {line.baudrate} 8N1 unit ids 1..{len(line.units)}"
             )
         typer.echo(f"control 127.0.0.1:{control.port}  (emu sim inject FAULT --unit N)")
         if mqtt_target:

@@ -3,6 +3,9 @@
 Units get numbers 1..N. By default they share one port with unit ids 1..N (up to 247, the
 Modbus limit; a fleet beyond that spills onto the next ports); `one_port_per_unit` gives each
 unit its own port with unit id 1. Port 0 picks free ports (tests).
+
+With `serial_port` the same units are also served over Modbus RTU on that serial line (unit
+ids 1..N on one bus; see `simulators.serial`), in addition to TCP.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pymodbus.server import ModbusTcpServer
 from protocols.clock import Clock
 from protocols.profiles import load_profile, shipped_profiles
 from simulators.errors import UnknownUnitError
+from simulators.serial import DEFAULT_BAUDRATE, SerialLine
 from simulators.unit import SimUnit
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,8 @@ class SimConfig:
     firmware_version: str = "1.0.0"
     refresh_s: float = 0.2
     reboot_s: float = 3.0
+    serial_port: str | None = None
+    baudrate: int = DEFAULT_BAUDRATE
 
     def __post_init__(self) -> None:
         if self.units < 1:
@@ -45,6 +51,15 @@ class SimConfig:
             raise ValueError(f"units_per_port must be within 1..{MAX_UNIT_ID}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        if self.baudrate < 1:
+            raise ValueError("baudrate must be positive")
+        if self.serial_port is not None and (
+            self.one_port_per_unit or self.units > self.units_per_port
+        ):
+            raise ValueError(
+                "a serial line is one bus with unit ids 1..N: at most units_per_port "
+                f"({self.units_per_port}) units and not one_port_per_unit"
+            )
 
 
 @dataclass
@@ -84,6 +99,9 @@ class Simulator:
             )
             self.endpoints[-1].units.append(unit)
             self.units.append(unit)
+        self.serial: SerialLine | None = None
+        if config.serial_port is not None:
+            self.serial = SerialLine(config.serial_port, config.baudrate, list(self.units))
 
     def unit(self, number: int) -> SimUnit:
         """Unit by its number (1..N); on a single port this is its Modbus unit id."""
@@ -100,7 +118,16 @@ class Simulator:
         raise UnknownUnitError(f"unit {number} is not served")  # pragma: no cover
 
     async def start(self) -> None:
-        """Listen on every endpoint (must run inside the event loop)."""
+        """Listen on every endpoint and the serial line (must run inside the event loop)."""
+        await self._start_tcp()
+        if self.serial is not None:
+            try:
+                await self.serial.start()
+            except BaseException:
+                await self.stop()
+                raise
+
+    async def _start_tcp(self) -> None:
         for ep in self.endpoints:
             server = ModbusTcpServer(
                 [u.simdevice() for u in ep.units],
@@ -115,7 +142,9 @@ class Simulator:
             log.info("serving %d unit(s) on %s:%d", len(ep.units), ep.host, ep.port)
 
     async def stop(self) -> None:
-        """Stop listening and drop connections."""
+        """Stop listening, drop connections and close the serial line."""
+        if self.serial is not None:
+            await self.serial.stop()
         for ep in self.endpoints:
             if ep.server is not None:
                 await ep.server.shutdown()  # type: ignore[no-untyped-call]

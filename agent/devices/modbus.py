@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -21,22 +22,55 @@ from protocols.registers import Table
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _SerialBus:
+    """One RS-485 line: pymodbus opens a serial port exclusively, so its units share a client."""
+
+    client: AsyncModbusSerialClient
+    line: tuple[int, str, int, int]
+    first_device: str
+    users: set[int] = field(default_factory=set)
+
+
+_BUSES: dict[str, _SerialBus] = {}
+
+
+def _bus(dev: DeviceSettings, port: str) -> _SerialBus:
+    line = (dev.baudrate, dev.parity, dev.stopbits, dev.bytesize)
+    bus = _BUSES.get(port)
+    if bus is None:
+        client = AsyncModbusSerialClient(
+            port, baudrate=dev.baudrate, parity=dev.parity, stopbits=dev.stopbits,
+            bytesize=dev.bytesize, timeout=dev.timeout_s, retries=dev.retries,
+            reconnect_delay=0,
+        )
+        bus = _BUSES[port] = _SerialBus(client, line, dev.name)
+    elif bus.line != line:
+        raise ValueError(
+            f"devices {bus.first_device} and {dev.name} share {port} with different line "
+            f"settings (baudrate, parity, stopbits, bytesize): {bus.line} vs {line}"
+        )
+    return bus
+
+
 class ModbusLink:
-    """A connection to one unit; one request at a time (pymodbus allows no more)."""
+    """A connection to one unit; one request at a time (pymodbus allows no more).
+
+    TCP units get a connection each, so a silent unit never delays another; units on one
+    serial line share that line's client (pymodbus serialises their requests).
+    """
 
     def __init__(self, device: DeviceSettings) -> None:
         self.device = device
         self.unit_id = device.unit_id
+        self._bus: _SerialBus | None = None
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient = self._make_client()
 
     def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
         dev = self.device
         if dev.protocol == "modbus-rtu" and dev.serial_port:
-            return AsyncModbusSerialClient(
-                dev.serial_port, baudrate=dev.baudrate, parity=dev.parity,
-                stopbits=dev.stopbits, bytesize=dev.bytesize, timeout=dev.timeout_s,
-                retries=dev.retries, reconnect_delay=0,
-            )
+            self._bus = _bus(dev, dev.serial_port)
+            return self._bus.client
         if dev.protocol != "modbus-tcp" or not dev.host:
             raise ValueError(f"{dev.name} is not a Modbus device with an address")
         return AsyncModbusTcpClient(
@@ -46,7 +80,9 @@ class ModbusLink:
 
     @property
     def connected(self) -> bool:
-        """Whether the transport is up."""
+        """Whether the transport is up (and, on a shared line, this unit is using it)."""
+        if self._bus is not None and id(self) not in self._bus.users:
+            return False
         return bool(self._client.connected)
 
     @property
@@ -58,6 +94,10 @@ class ModbusLink:
 
     async def connect(self) -> None:
         """Open the connection; CommError if the unit cannot be reached."""
+        if self._bus is not None:
+            self._bus.users.add(id(self))
+            if self._client.connected:
+                return
         try:
             ok = await self._client.connect()
         except (OSError, ModbusException) as exc:
@@ -101,5 +141,10 @@ class ModbusLink:
             raise ReplyError(f"{self.where}: exception {code} writing {address}", code)
 
     def close(self) -> None:
-        """Drop the connection (a later `connect` opens a new one)."""
+        """Drop the connection (a later `connect` opens a new one); a shared line stays open
+        while other units use it."""
+        if self._bus is not None:
+            self._bus.users.discard(id(self))
+            if self._bus.users:
+                return
         self._client.close()
