@@ -36,6 +36,28 @@ _STATE_TYPES = (PointType.ENUM16, PointType.ENUM32)
 _NOT_TELEMETRY = (PointType.SUNSSF, PointType.PAD)
 
 
+def change_events(
+    sink: Sink, device: str, ts: datetime, p: PointDef, old: Value | None, value: Value
+) -> None:
+    """Alarm bits that rose or fell, and state enums that changed, since the last reading."""
+    if old is None or old == value or not p.symbols:
+        return
+    names = p.symbol_map()
+    if p.type in _ALARM_TYPES and isinstance(old, int) and isinstance(value, int):
+        for bit, name in names.items():
+            was, now = bool(old >> bit & 1), bool(value >> bit & 1)
+            if was != now:
+                sink.add_event(
+                    ts, EventKind.ALARM_RAISED if now else EventKind.ALARM_CLEARED,
+                    device, name, Severity.ALARM if now else Severity.INFO, {"point": p.name},
+                )
+    elif p.type in _STATE_TYPES and isinstance(value, int):
+        sink.add_event(
+            ts, EventKind.STATE_CHANGED, device, names.get(value, str(value)), Severity.INFO,
+            {"point": p.name, "from": names.get(int(old), old), "to": names.get(value, value)},
+        )
+
+
 class Sink(Protocol):
     """Where samples and events go (the batcher)."""
 
@@ -161,17 +183,22 @@ class ModbusCoordinator:
         self._emit(ts, image, failed)
         return True
 
+    async def _connect(self) -> None:
+        """Connect if needed, respecting the reconnect backoff."""
+        if self.link.connected:
+            return
+        now = asyncio.get_running_loop().time()
+        if now < self._retry_at:
+            raise CommError(f"{self.link.where}: waiting to reconnect")
+        try:
+            await self.link.connect()
+        except CommError:
+            self._retry_at = now + self.backoff.next_delay()
+            raise
+        self.backoff.reset()
+
     async def _read_all(self) -> tuple[RegisterImage, set[str]]:
-        if not self.link.connected:
-            now = asyncio.get_running_loop().time()
-            if now < self._retry_at:
-                raise CommError(f"{self.link.where}: waiting to reconnect")
-            try:
-                await self.link.connect()
-            except CommError:
-                self._retry_at = now + self.backoff.next_delay()
-                raise
-            self.backoff.reset()
+        await self._connect()
         image = RegisterImage()
         failed: set[str] = set()
         for req in self.plan:
@@ -225,7 +252,12 @@ class ModbusCoordinator:
         self._failures = 0
 
     def _emit(self, ts: datetime, image: RegisterImage, failed: set[str]) -> None:
-        readings = decode_image(self.points, image)
+        bad: list[str] = []
+        readings = decode_image(self.points, image, errors=bad)
+        if bad:
+            self.stats.malformed += len(bad)
+            self.stats.last_error = f"undecodable registers for {', '.join(bad[:5])}"
+            log.info("%s: %s", self.name, self.stats.last_error)
         samples: list[Sample] = []
         for p in self.points:
             if p.type in _NOT_TELEMETRY:
@@ -237,31 +269,9 @@ class ModbusCoordinator:
                 continue
             if r.value is None:
                 continue  # "not implemented" on this unit
-            self._changes(ts, p, r.value)
+            change_events(self.sink, self.name, ts, p, self._last.get(p.name), r.value)
             self._last[p.name] = r.value
             samples.append((p.name, r.value, Quality.OUT_OF_RANGE if r.out_of_range
                             else Quality.GOOD))
         self.stats.points += len(samples)
         self.sink.add_samples(self.name, ts, samples)
-
-    def _changes(self, ts: datetime, p: PointDef, value: Value) -> None:
-        """Alarm bits that rose or fell, and state enums that changed, since the last cycle."""
-        old = self._last.get(p.name)
-        if old is None or old == value or not p.symbols:
-            return
-        names = p.symbol_map()
-        if p.type in _ALARM_TYPES and isinstance(old, int) and isinstance(value, int):
-            for bit, name in names.items():
-                was, now = bool(old >> bit & 1), bool(value >> bit & 1)
-                if was != now:
-                    self.sink.add_event(
-                        ts, EventKind.ALARM_RAISED if now else EventKind.ALARM_CLEARED,
-                        self.name, name, Severity.ALARM if now else Severity.INFO,
-                        {"point": p.name},
-                    )
-        elif p.type in _STATE_TYPES and isinstance(value, int):
-            self.sink.add_event(
-                ts, EventKind.STATE_CHANGED, self.name, names.get(value, str(value)),
-                Severity.INFO,
-                {"point": p.name, "from": names.get(int(old), old), "to": names.get(value, value)},
-            )

@@ -1,6 +1,6 @@
 """The uplink: spooled batches to the central broker, QoS 1, deleted only once acknowledged.
 
-The only module of the agent that imports paho. Each connection is a fresh paho client, so
+The only module that talks to the central broker. Each connection is a fresh paho client, so
 nothing survives a disconnect inside paho: after a reconnect the uplink replays the spool from
 its oldest batch, in order (at-least-once; the server drops duplicates by `agent`, `seq`).
 Birth and death: `online` is published retained on `status` after every connect, and a

@@ -351,9 +351,13 @@ def decode_point(point: PointDef, regs: tuple[int, ...], sf: int | None) -> Read
 
 
 def decode_image(
-    points: Iterable[PointDef], image: RegisterImage
+    points: Iterable[PointDef], image: RegisterImage, errors: list[str] | None = None
 ) -> dict[str, Reading]:
-    """Decode every point whose registers are in `image`, resolving `*_SF` points first."""
+    """Decode every point whose registers are in `image`, resolving `*_SF` points first.
+
+    A point whose registers do not decode (e.g. a string that is not UTF-8) is left out and,
+    if `errors` is given, its name is appended there: one bad register never costs the rest.
+    """
     pts = list(points)
     by_name: Mapping[str, PointDef] = {p.name: p for p in pts}
     factors: dict[str, int | None] = {}
@@ -368,5 +372,9 @@ def decode_image(
         regs = image.get(p.table, p.address, p.size)
         if regs is None:
             continue
-        out[p.name] = decode_point(p, regs, factors.get(p.sf) if p.sf else None)
+        try:
+            out[p.name] = decode_point(p, regs, factors.get(p.sf) if p.sf else None)
+        except CodecError:
+            if errors is not None:
+                errors.append(p.name)
     return out
