@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from agent.config import AgentSettings, load_agent_settings
+from agent.enrol import enrol_command
 from agent.errors import AgentError
 from emu.settings import ConfigError
 
@@ -20,6 +21,8 @@ app = typer.Typer(
     "Without a sub-command, runs the agent.",
     invoke_without_command=True,
 )
+
+app.command("enrol")(enrol_command)
 
 ConfigOpt = Annotated[
     Path | None,

@@ -35,6 +35,9 @@ CONFIG_MODE = 0o600
 CA_FILE_NAME = "emu-broker-ca.pem"
 NEW_FILE_HEADER = "# Site agent configuration; credentials written by `emu agent enrol`.\n"
 
+Updates = dict[str | None, dict[str, str]]
+"""Keys to set per table of a TOML file (None: its top level)."""
+
 _HEADER = re.compile(r"^\s*\[\[?\s*(?P<name>[^\[\]]+?)\s*\]\]?\s*(?:#.*)?$")
 _STRING_LINE = re.compile(
     r"""^(?P<head>\s*[A-Za-z0-9_-]+\s*=\s*)(?P<value>"(?:[^"\\]|\\.)*"|'[^']*')(?P<tail>\s*(?:#.*)?)$"""
@@ -205,10 +208,6 @@ def update_toml(text: str, updates: Updates) -> str:
     return result
 
 
-Updates = dict[str | None, dict[str, str]]
-"""Keys to set per table (None: the top level of the file)."""
-
-
 def config_updates(creds: EnrolledCredentials, ca_file: Path | None) -> Updates:
     """The keys enrolment sets in the agent's TOML."""
     broker = {"username": creds.username, "password": creds.password}
@@ -302,14 +301,18 @@ async def enrol(
 
 def enrol_command(
     server: Annotated[str, typer.Option("--server", "-s", help="Server base URL (https://...).")],
-    token: Annotated[str, typer.Option("--token", "-t", help="One-time enrolment token.")],
+    token: Annotated[
+        str,
+        typer.Option("--token", "-t", envvar="EMU_ENROL_TOKEN",
+                     help="One-time enrolment token (or EMU_ENROL_TOKEN, kept out of `ps`)."),
+    ],
     config: Annotated[
         Path, typer.Option("--config", "-c", help="agent.toml to write the credentials into.")
     ],
     agent_id: Annotated[
         str | None,
-        typer.Option("--agent-id", help="This agent's id as the token was issued for "
-                     "(default: agent_id from the config, else its site, else asked)."),
+        typer.Option("--agent-id", help="This agent's id, as the token was issued for "
+                     "(default: agent_id in the config, else its site)."),
     ] = None,
 ) -> None:
     """Enrol this agent: trade a one-time token for its own broker credentials."""

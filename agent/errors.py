@@ -5,6 +5,7 @@
     │   ├── CommError         no answer: timeout, refused or dropped connection
     │   └── ReplyError        an answer we cannot use: Modbus exception, malformed reply
     ├── DiscoveryError        SunSpec auto-discovery found no usable model chain
+    ├── EnrolmentError        the server refused the enrolment token (agent/enrol.py)
     ├── SpoolError            the on-disk spool cannot be opened or written
     └── UplinkError           the central broker refused us (bad credentials, TLS files)
 """

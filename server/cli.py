@@ -11,12 +11,15 @@ from typing import Annotated
 import typer
 
 from emu.settings import ConfigError
+from server.broker_auth import broker_passwd_command
 from server.core.config import ServerSettings, load_server_settings
 
 app = typer.Typer(
     help="The central server: API, MQTT ingest and scheduler. Without a sub-command, runs it.",
     invoke_without_command=True,
 )
+
+app.command("broker-passwd")(broker_passwd_command)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="server.toml (every key also as EMU_*).")

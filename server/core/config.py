@@ -68,6 +68,15 @@ class StorageSettings(_Section):
     rollup_interval_s: float = Field(default=60.0, gt=0)
 
 
+class EnrolmentSettings(_Section):
+    """What a newly enrolled agent is told about the broker."""
+
+    broker_url: str | None = Field(
+        default=None, description="public mqtts:// address agents connect to"
+    )
+    ca_file: Path | None = None
+
+
 class ServerSettings(FileSettings):
     """Everything `emu server` needs."""
 
@@ -86,6 +95,7 @@ class ServerSettings(FileSettings):
     mqtt: MqttSettings = MqttSettings()
     http: HttpSettings = HttpSettings()
     storage: StorageSettings = StorageSettings()
+    enrolment: EnrolmentSettings = EnrolmentSettings()
 
     @field_validator("database_url")
     @classmethod
