@@ -81,6 +81,9 @@ def register() -> None:
     app.add_typer(sim_app, name="sim")
     app.add_typer(agent_app, name="agent")
     app.add_typer(server_app, name="server")
+    from server.cli_verbs import register as register_verbs
+
+    register_verbs(app)
     _registered = True
 
 

@@ -34,13 +34,9 @@ class ServerProcess:
         self.faults: Any = None
 
     async def prepare(self) -> None:
-        """Migrate (if configured) and create the bootstrap admin."""
+        """Migrate (if configured); the API's lifespan creates the bootstrap admin."""
         if self.settings.migrate_on_start:
             await migrate(self.settings.database_url)
-        if self.settings.admin_token:
-            from server.core.security import ensure_admin
-
-            await ensure_admin(self.db, self.settings.admin_token)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Prepare, start every role, wait for `stop`, shut down."""

@@ -1,0 +1,107 @@
+"""The HTTP application: `/api/v1/...`, `/healthz`, `/metrics`, `/openapi.json`.
+
+`create_app` wires routers, error mapping and state; it starts nothing else (ingest and the
+scheduler are separate roles that `emu server` runs). Its lifespan only makes sure the
+bootstrap admin exists when `admin_token` is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import sqlalchemy as sa
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server import __version__
+from server.api import (
+    agents,
+    enrolment,
+    events,
+    faults,
+    organisations,
+    sites,
+    telemetry,
+    units,
+    users,
+)
+from server.api.errors import install_error_handlers
+from server.broker_auth import SERVER_USERNAME
+from server.core.config import ServerSettings
+from server.core.db import Database
+from server.core.security import ensure_admin
+from server.enrolment import EnrolmentOptions
+from server.models import utcnow
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+HEALTH_TIMEOUT_S = 3.0
+
+
+def api_router() -> APIRouter:
+    """Every resource's router under `/api/v1`."""
+    router = APIRouter(prefix=API_PREFIX)
+    modules = (organisations, sites, agents, enrolment, units, telemetry, faults, events, users)
+    for module in modules:
+        router.include_router(module.router)
+    return router
+
+
+def enrolment_options(settings: ServerSettings) -> EnrolmentOptions:
+    """What enrolled agents are told about the broker, from the `enrolment` settings."""
+    ca = settings.enrolment.ca_file
+    return EnrolmentOptions(
+        broker_url=settings.enrolment.broker_url,
+        ca_pem=ca.read_text(encoding="utf-8") if ca is not None else None,
+        reserved_usernames=frozenset({settings.mqtt.username or SERVER_USERNAME}),
+    )
+
+
+def create_app(
+    settings: ServerSettings, db: Database, *, clock: Callable[[], datetime] = utcnow
+) -> FastAPI:
+    """The API application over `db`; `clock` is injectable for expiry and default ranges."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.admin_token:
+            await ensure_admin(db, settings.admin_token)
+        yield
+
+    app = FastAPI(
+        title="EMU Remote Service",
+        version=__version__,
+        description="Fleet, telemetry and faults of EMU units. Bearer tokens; roles admin, "
+        "engineer, customer (a customer sees its own organisation's sites only).",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.clock = clock
+    app.state.enrolment = enrolment_options(settings)
+    install_error_handlers(app)
+    app.include_router(api_router())
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz(request: Request) -> JSONResponse:
+        """200 when the database answers, 503 otherwise (for load balancers and systemd)."""
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S), db.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except Exception as exc:  # any failure to reach the database means "unavailable"
+            log.warning("health check failed: %s", exc)
+            return JSONResponse({"status": "unavailable", "detail": "database unreachable"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics() -> Response:
+        """Prometheus metrics of this process (default registry)."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
