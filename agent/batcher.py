@@ -104,7 +104,8 @@ class Batcher:
             if self._oldest is not None:
                 timeout = max(0.0, self._oldest + self.max_age_s - self.clock.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: it can eat a cancel (3.11)
+                    await self._wake.wait()
             self._wake.clear()
             await self.flush(force=False)
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import SettingsConfigDict
 
 from emu.settings import FileSettings, load_settings
+from protocols.errors import TopicError
 from protocols.topics import validate_site
 
 
@@ -156,7 +157,10 @@ class AgentSettings(FileSettings):
     @field_validator("site")
     @classmethod
     def _check_site(cls, value: str) -> str:
-        return validate_site(value)
+        try:
+            return validate_site(value)
+        except TopicError as exc:  # pydantic reports ValueErrors with the key
+            raise ValueError(str(exc)) from exc
 
     @model_validator(mode="after")
     def _check_devices(self) -> AgentSettings:

@@ -131,6 +131,7 @@ class ModbusCoordinator:
         self.stats = DeviceStats()
         self.backoff = Backoff(cap=backoff_cap_s)
         self.comm_lost = False
+        self.stopping = False  # checked each cycle, in case a cancellation gets swallowed
         self._failures = 0
         self._retry_at = 0.0
         self._last: dict[str, Value | None] = {}
@@ -150,7 +151,7 @@ class ModbusCoordinator:
         loop = asyncio.get_running_loop()
         interval = self.device.poll_interval_s
         next_at = loop.time()
-        while True:
+        while not self.stopping:
             ok = await self.poll_once()
             next_at += interval
             now = loop.time()

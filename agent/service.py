@@ -8,7 +8,6 @@ retained `online` status and written to `<state_dir>/agent-health.json`, which
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -91,22 +90,18 @@ class Agent:
         return profile
 
     def _spawn(self, coro: Any, name: str) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=name))
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_report_end)
+        self._tasks.append(task)
 
     async def stop(self) -> None:
         """Stop polling, flush what is buffered to the spool, say offline, close."""
-        for task in self._tasks:
-            if task.get_name() != "uplink":
-                task.cancel()
-        for task in self._tasks:
-            if task.get_name() != "uplink":
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for coord in self.coordinators:
+            coord.stopping = True
+        await _cancel_all([t for t in self._tasks if t.get_name() != "uplink"])
         await self.batcher.flush(force=True)
         await self.uplink.offline()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel_all(self._tasks)
         for coord in self.coordinators:
             coord.link.close()
         await self.spool.close()
@@ -157,6 +152,30 @@ class Agent:
                 await asyncio.to_thread(write_health, self.settings.state_dir, h)
             except Exception:
                 log.exception("health report failed")
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]], deadline_s: float = 10.0) -> None:
+    """Cancel until every task has ended.
+
+    On Python 3.11 `asyncio.wait_for` can swallow a cancellation when the awaited reply
+    lands in the same loop turn (CPython #86296), and pymodbus awaits every reply that way:
+    one `cancel()` is not always enough for a coordinator polling flat out.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < end:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in pending:
+        log.error("task %s did not stop within %.0f s", task.get_name(), deadline_s)
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    """Log a loop that ended by itself: every agent loop is meant to run until stop()."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s ended: %s", task.get_name(), exc, exc_info=exc)
 
 
 def write_health(state_dir: Path, health: dict[str, Any]) -> None:

@@ -152,9 +152,8 @@ class Uplink:
             client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s)
             client.loop_start()
             try:
-                reason = await asyncio.wait_for(
-                    asyncio.shield(connected), self.broker.connect_timeout_s
-                )
+                async with asyncio.timeout(self.broker.connect_timeout_s):
+                    reason = await asyncio.shield(connected)
             except TimeoutError:
                 raise _Lost(f"no CONNACK from {self.broker.url}") from None
             if reason.is_failure:
@@ -198,7 +197,8 @@ class Uplink:
             if acks:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.5)
+                async with asyncio.timeout(0.5):  # not wait_for: it can eat a cancel (3.11)
+                    await self._wake.wait()
         raise _Lost("connection closed by the broker or the network")
 
     def publish_status(self, health: Health) -> None:
