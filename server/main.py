@@ -17,7 +17,7 @@ from server.core.config import ServerSettings
 from server.core.db import Database, migrate
 
 log = logging.getLogger(__name__)
-SCHEDULER_TICK_S = 5.0
+SHUTDOWN_GRACE_S = 5.0
 
 
 class ServerProcess:
@@ -51,16 +51,19 @@ class ServerProcess:
         if "scheduler" in roles:
             tasks.append(asyncio.create_task(self._supervise("scheduler", self._scheduler)))
         if "api" in roles:
-            tasks.append(asyncio.create_task(self._api()))
+            tasks.append(asyncio.create_task(self._api(), name="api"))
         else:
             self.started.set()
         try:
             await stop.wait()
         finally:
             if self._uvicorn is not None:
-                self._uvicorn.should_exit = True
+                self._uvicorn.should_exit = True  # uvicorn closes its sockets itself
             if self.ingest is not None:
                 await self.ingest.stop()
+            api = [t for t in tasks if t.get_name() == "api"]
+            if api:  # let uvicorn finish its shutdown (and close its sockets)
+                await asyncio.wait(api, timeout=SHUTDOWN_GRACE_S)
             for task in tasks:
                 if not task.done():
                     task.cancel()
@@ -103,7 +106,7 @@ class ServerProcess:
                     next_rollup = loop.time() + storage.rollup_interval_s
             except Exception:
                 log.exception("scheduler tick failed")
-            await asyncio.sleep(SCHEDULER_TICK_S)
+            await asyncio.sleep(self.settings.scheduler_tick_s)
 
     async def _api(self) -> None:
         import uvicorn

@@ -92,6 +92,7 @@ class ServerSettings(FileSettings):
     )
     demo: bool = False
     migrate_on_start: bool = True
+    scheduler_tick_s: float = Field(default=5.0, gt=0, le=300)
     mqtt: MqttSettings = MqttSettings()
     http: HttpSettings = HttpSettings()
     storage: StorageSettings = StorageSettings()
