@@ -8,26 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from emu.settings import FileSettings, load_settings
+from emu.settings import FileSettings, MqttEndpoint, Section, load_settings
 from protocols.errors import TopicError
 from protocols.topics import validate_site
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BrokerSettings(_Section):
+class BrokerSettings(MqttEndpoint):
     """The central broker: `mqtt://` or `mqtts://` (TLS), credentials, client certificate."""
 
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password: str | None = None
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -36,14 +28,6 @@ class BrokerSettings(_Section):
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     connect_timeout_s: float = Field(default=10.0, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        url = urlparse(value)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ValueError("must look like mqtt://host[:port] or mqtts://host[:port]")
-        return value
 
     @model_validator(mode="after")
     def _check_tls(self) -> BrokerSettings:
@@ -54,24 +38,8 @@ class BrokerSettings(_Section):
                 raise ValueError(f"{f}: no such file")
         return self
 
-    @property
-    def host(self) -> str:
-        """Broker host name."""
-        return urlparse(self.url).hostname or ""
 
-    @property
-    def port(self) -> int:
-        """Broker port (1883, or 8883 for mqtts)."""
-        url = urlparse(self.url)
-        return url.port or (8883 if url.scheme == "mqtts" else 1883)
-
-    @property
-    def tls(self) -> bool:
-        """Whether to use TLS."""
-        return urlparse(self.url).scheme == "mqtts"
-
-
-class UplinkSettings(_Section):
+class UplinkSettings(Section):
     """Batching and publishing."""
 
     batch_max_points: int = Field(default=1000, ge=1, le=100_000)
@@ -81,14 +49,14 @@ class UplinkSettings(_Section):
     health_interval_s: float = Field(default=30.0, gt=0)
 
 
-class SpoolSettings(_Section):
+class SpoolSettings(Section):
     """Store-and-forward on disk."""
 
     path: Path = Path("emu-agent-spool.db")
     max_mb: float = Field(default=256.0, gt=0)
 
 
-class DeviceSettings(_Section):
+class DeviceSettings(Section):
     """One unit: where it is, how to talk to it, what it is."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -122,19 +90,14 @@ class DeviceSettings(_Section):
         return self
 
 
-class LocalMqttSettings(_Section):
-    """The site-local broker that MQTT-native units publish to."""
-
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password: str | None = None
+class LocalMqttSettings(MqttEndpoint):
+    """The site-local broker that MQTT-native units publish to (plain MQTT on the LAN)."""
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
-        url = urlparse(value)
-        if url.scheme != "mqtt" or not url.hostname:
-            raise ValueError("must look like mqtt://host[:port]")
+    def _plain_only(cls, value: str) -> str:
+        if not value.startswith("mqtt://"):
+            raise ValueError("the site-local broker takes mqtt://host[:port] (no TLS)")
         return value
 
 

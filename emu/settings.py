@@ -11,8 +11,9 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +26,44 @@ S = TypeVar("S", bound=BaseSettings)
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names each bad key."""
+
+
+class Section(BaseModel):
+    """A table of a settings file: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttEndpoint(Section):
+    """A broker address (`mqtt://` or `mqtts://` for TLS) and its credentials."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        url = urlparse(value)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ValueError("must look like mqtt://host[:port] or mqtts://host[:port]")
+        return value
+
+    @property
+    def host(self) -> str:
+        """Broker host name."""
+        return urlparse(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """Broker port (1883, or 8883 for mqtts)."""
+        url = urlparse(self.url)
+        return url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        """Whether to use TLS."""
+        return urlparse(self.url).scheme == "mqtts"
 
 
 class FileSettings(BaseSettings):

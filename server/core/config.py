@@ -8,24 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from emu.settings import FileSettings, load_settings
+from emu.settings import FileSettings, MqttEndpoint, Section, load_settings
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MqttSettings(_Section):
+class MqttSettings(MqttEndpoint):
     """The central broker the ingest worker subscribes to."""
 
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password: str | None = None
     ca_file: Path | None = None
     client_id: str | None = None
     shared_group: str | None = Field(
@@ -33,34 +25,15 @@ class MqttSettings(_Section):
     )
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
 
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        url = urlparse(value)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise ValueError("must look like mqtt://host[:port] or mqtts://host[:port]")
-        return value
 
-    @property
-    def host(self) -> str:
-        """Broker host."""
-        return urlparse(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        """Broker port."""
-        url = urlparse(self.url)
-        return url.port or (8883 if url.scheme == "mqtts" else 1883)
-
-
-class HttpSettings(_Section):
+class HttpSettings(Section):
     """Where the API listens."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
 
 
-class StorageSettings(_Section):
+class StorageSettings(Section):
     """Telemetry retention and rollups."""
 
     raw_retention_days: float = Field(default=30.0, gt=0)
@@ -68,7 +41,7 @@ class StorageSettings(_Section):
     rollup_interval_s: float = Field(default=60.0, gt=0)
 
 
-class EnrolmentSettings(_Section):
+class EnrolmentSettings(Section):
     """What a newly enrolled agent is told about the broker."""
 
     broker_url: str | None = Field(

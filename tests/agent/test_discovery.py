@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any
 
 import pytest
@@ -16,48 +15,22 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from agent.config import DeviceSettings
-from agent.coordinator import ModbusCoordinator, Sample
+from agent.coordinator import ModbusCoordinator
 from agent.devices.discovery import DiscoveringCoordinator, profile_from_chain
 from agent.devices.modbus import ModbusLink
 from agent.errors import DiscoveryError
-from protocols.messages import EventKind, Quality, Severity
+from protocols.messages import EventKind, Quality
 from protocols.profiles import load_profile
-from protocols.registers import PointDef, Table, Value
+from protocols.registers import PointDef, Table
 from protocols.sunspec import ModelHeader
 from simulators.server import SimConfig, Simulator
 from simulators.unit import SimUnit
+from tests.support.sinks import RecordingSink
 from tests.support.waiting import wait_for
 
 HOST = "127.0.0.1"
 BS_CHAIN = (1, 103, 124, 802, 64901)
 PV_CHAIN = (1, 103, 160, 124, 64901)
-
-
-class RecordingSink:
-    """Keeps what a coordinator hands on."""
-
-    def __init__(self) -> None:
-        self.cycles: list[tuple[str, datetime, list[Sample]]] = []
-        self.events: list[tuple[EventKind, str | None, str | None, Severity, dict[str, Any]]] = []
-
-    def add_samples(self, device: str, ts: datetime, samples: Iterable[Sample]) -> None:
-        self.cycles.append((device, ts, list(samples)))
-
-    def add_event(
-        self, ts: datetime, kind: EventKind, device: str | None, code: str | None = None,
-        severity: Severity = Severity.INFO, detail: dict[str, Any] | None = None,
-    ) -> None:
-        self.events.append((kind, device, code, severity, detail or {}))
-
-    def kinds(self) -> list[EventKind]:
-        return [e[0] for e in self.events]
-
-    def values(self) -> dict[str, Value | None]:
-        """The latest value of every point with good or out-of-range quality."""
-        out: dict[str, Value | None] = {}
-        for _, _, samples in self.cycles:
-            out.update((n, v) for n, v, q in samples if q in (Quality.GOOD, Quality.OUT_OF_RANGE))
-        return out
 
 
 def device(host: str, port: int, unit_id: int = 1, **extra: Any) -> DeviceSettings:

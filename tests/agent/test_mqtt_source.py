@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -19,47 +19,20 @@ from typing import Any
 import pytest
 
 from agent.config import DeviceSettings, LocalMqttSettings
-from agent.coordinator import Sample
 from agent.devices.mqtt import MqttSource
 from protocols.clock import ManualClock
 from protocols.messages import EventKind, Quality, Severity
 from protocols.profiles import load_profile
-from protocols.registers import Value
 from simulators.mqtt import MqttPublisher
 from simulators.server import SimConfig, Simulator
 from tests.support.broker import BrokerInfo
 from tests.support.mqtt import mqtt_client
 from tests.support.net import free_tcp_port
+from tests.support.sinks import RecordingSink
 from tests.support.waiting import wait_for
 
 LOGGER = "agent.devices.mqtt"
 TIMEOUT = 10.0
-
-
-class RecordingSink:
-    """Keeps what a source hands on."""
-
-    def __init__(self) -> None:
-        self.cycles: list[tuple[str, datetime, list[Sample]]] = []
-        self.events: list[tuple[EventKind, str | None, str | None, Severity, dict[str, Any]]] = []
-
-    def add_samples(self, device: str, ts: datetime, samples: Iterable[Sample]) -> None:
-        self.cycles.append((device, ts, list(samples)))
-
-    def add_event(
-        self, ts: datetime, kind: EventKind, device: str | None, code: str | None = None,
-        severity: Severity = Severity.INFO, detail: dict[str, Any] | None = None,
-    ) -> None:
-        self.events.append((kind, device, code, severity, detail or {}))
-
-    def kinds(self) -> list[EventKind]:
-        return [e[0] for e in self.events]
-
-    def latest(self) -> dict[str, tuple[Value | None, Quality]]:
-        out: dict[str, tuple[Value | None, Quality]] = {}
-        for _, _, samples in self.cycles:
-            out.update((n, (v, q)) for n, v, q in samples)
-        return out
 
 
 def unique_prefix() -> str:
