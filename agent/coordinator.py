@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -23,10 +23,11 @@ from agent.config import DeviceSettings
 from agent.devices.modbus import ModbusLink
 from agent.errors import CommError, DeviceError, ReplyError
 from protocols.clock import Clock, SystemClock
+from protocols.decoder import CompiledDecoder
 from protocols.messages import EventKind, Quality, Severity
 from protocols.planner import ReadRequest, plan_reads
 from protocols.profiles import Profile
-from protocols.registers import PointDef, PointType, RegisterImage, Value, decode_image
+from protocols.registers import PointDef, PointType, Value
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class ModbusCoordinator:
         gap = self.device.max_gap if self.device.max_gap is not None else profile.max_gap
         self.points: tuple[PointDef, ...] = profile.poll_points
         self.plan: list[ReadRequest] = plan_reads(self.points, max_gap=gap)
+        self._decoder = CompiledDecoder.for_plan(self.points, self.plan)
         self._by_name = {p.name: p for p in self.points}
         self.stats.reads_per_cycle = len(self.plan)
 
@@ -198,9 +200,9 @@ class ModbusCoordinator:
             raise
         self.backoff.reset()
 
-    async def _read_all(self) -> tuple[RegisterImage, set[str]]:
+    async def _read_all(self) -> tuple[list[list[int] | None], set[str]]:
         await self._connect()
-        image = RegisterImage()
+        responses: list[list[int] | None] = []  # per request of the plan; None if it failed
         failed: set[str] = set()
         for req in self.plan:
             self.stats.reads += 1
@@ -209,11 +211,12 @@ class ModbusCoordinator:
             except ReplyError as exc:
                 self._note(exc)
                 failed.update(req.points)
+                responses.append(None)
                 continue
-            image.put(req.table, req.address, regs)
+            responses.append(regs)
         if failed and len(failed) == len(self.points):
             raise CommError(f"{self.link.where}: every read of the cycle failed")
-        return image, failed
+        return responses, failed
 
     def _note(self, exc: DeviceError) -> None:
         self.stats.last_error = str(exc)
@@ -252,9 +255,11 @@ class ModbusCoordinator:
             log.warning("%s: communication restored", self.name)
         self._failures = 0
 
-    def _emit(self, ts: datetime, image: RegisterImage, failed: set[str]) -> None:
+    def _emit(
+        self, ts: datetime, responses: Sequence[Sequence[int] | None], failed: set[str]
+    ) -> None:
         bad: list[str] = []
-        readings = decode_image(self.points, image, errors=bad)
+        readings = self._decoder.decode(responses, errors=bad)
         if bad:
             self.stats.malformed += len(bad)
             self.stats.last_error = f"undecodable registers for {', '.join(bad[:5])}"

@@ -154,7 +154,8 @@ class TelemetryStore:
         NOTHING. "raise" (the ingest worker): no savepoint, which PostgreSQL makes costly for
         every row; a clash raises ReadingsClash and the transaction is lost, so the caller
         rolls back and stores the group again with "ignore" (ON CONFLICT DO NOTHING).
-        On SQLite all three behave as "savepoint", without a savepoint.
+        On SQLite a clash never loses the transaction: "raise" behaves as "savepoint", and
+        neither needs a savepoint there.
         """
         fresh_keys = await self._claim(
             session, TELEMETRY, [(b.agent, b.seq, len(b.points)) for _, b in items]

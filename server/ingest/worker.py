@@ -10,16 +10,20 @@ site; a writer task takes whatever has accumulated (up to `GROUP_POINTS` reading
 it in one transaction, so that decoding the next messages overlaps the database's work.
 
 At-least-once: the client runs with `manual_ack`, and a message is acknowledged only once its
-transaction has committed (or once it was found invalid, which no retry can fix). If the
-process dies first, the broker delivers the message again, to this worker when it reconnects
-with the same client id (`mqtt.client_id` set: a persistent session), or to another member of
-the shared subscription; the store's (agent, seq) claim drops what was already stored. At
-most `queue_limit` messages are unacknowledged at once: past that, paho's thread waits, which
-stops reading the socket (backpressure) instead of growing memory.
+transaction has committed (or once it was found invalid, which no retry can fix); `stop()`
+drains what was received before it disconnects. If the process dies first, the broker delivers
+the unacknowledged messages again when a worker reconnects with the same client id: set
+`mqtt.client_id` (one per process) for a persistent session (kept `SESSION_EXPIRY_S` while
+away). Without it the session ends with the connection, and what was in flight when the
+process died is lost. Either way the store's (agent, seq) claim drops what was already
+stored. At most `queue_limit` messages are unacknowledged at once: past that, paho's thread
+waits, which stops reading the socket (backpressure) instead of growing memory.
 
 Shared subscription (`$share/<group>/...`) when `mqtt.shared_group` is set and the broker
-offers it (MQTT 5 CONNACK: Shared Subscription Available). With `protocol = "auto"` the worker
-tries MQTT 5 and falls back to 3.1.1 (as for amqtt), where it subscribes without sharing.
+offers it (MQTT 5 CONNACK: Shared Subscription Available). With `protocol = "auto"` a bare
+MQTT 5 CONNECT probes the broker first; one that refuses it (amqtt) gets MQTT 3.1.1, and the
+worker subscribes without sharing.
+
 The fault engine's hooks run after the group is stored, in the same transaction, inside one
 savepoint: if a call raises, that savepoint is rolled back and the group's calls run again one
 by one, each in its own savepoint, so a broken rule loses neither readings nor the other
@@ -213,6 +217,26 @@ class _Throttled:
         self.logger.warning(msg, *args)
 
 
+class _GcTuning:
+    """The collector's young-generation threshold, raised while any worker of the process runs."""
+
+    users = 0
+    saved: tuple[int, int, int] = (700, 10, 10)
+
+    @classmethod
+    def enter(cls) -> None:
+        if cls.users == 0:
+            cls.saved = gc.get_threshold()
+            gc.set_threshold(max(cls.saved[0], GC_THRESHOLD), *cls.saved[1:])
+        cls.users += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0:
+            gc.set_threshold(*cls.saved)
+
+
 def _settle(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
@@ -309,9 +333,8 @@ class IngestWorker:
         """Connect, subscribe, ingest, reconnect; until `stop()` (then drain and return)."""
         self._loop = asyncio.get_running_loop()
         self._running = True
-        thresholds = gc.get_threshold()
         if self.tune_gc:
-            gc.set_threshold(max(thresholds[0], GC_THRESHOLD), *thresholds[1:])
+            _GcTuning.enter()
         tasks = [asyncio.create_task(self._decode_loop(), name="ingest-decode"),
                  asyncio.create_task(self._write_loop(), name="ingest-write")]
         try:
@@ -320,7 +343,8 @@ class IngestWorker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            gc.set_threshold(*thresholds)
+            if self.tune_gc:
+                _GcTuning.leave()
             self._running = False
             self._done.set()
 

@@ -169,7 +169,7 @@ class IngestBench:
         after, own_after = cpu_by_name(names), own_cpu()
         assert self.worker.stats.errors == 0
         assert self.worker.stats.invalid == 0
-        cpu = {k: after[k] - before[k] for k in names}
+        cpu = {k: max(0.0, after[k] - before[k]) for k in names}  # an exited process drops out
         cpu["worker"] = own_after - own
         cpu["publisher"] = timing["cpu"]
         return Round(batches * UNITS_PER_BATCH * POINTS / (done - timing["start"]), cpu)
@@ -186,7 +186,7 @@ class IngestBench:
         got = await result_of(sink)
         await asyncio.gather(proc.wait(), sink.wait())
         after = cpu_by_name(names)
-        cpu = {k: after[k] - before[k] for k in names}
+        cpu = {k: max(0.0, after[k] - before[k]) for k in names}
         cpu["publisher"] = timing["cpu"]
         return Round(READINGS / (got["last"] - timing["start"]), cpu)
 

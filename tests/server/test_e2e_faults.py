@@ -153,7 +153,7 @@ async def test_each_simulated_fault_gets_its_class_and_clears(stack: Stack) -> N
         r = await stack.api.get("/api/v1/units", params={"site": stack.site})
         return r.status_code == 200 and len(r.json()["data"]) == len(SCENARIOS)
 
-    await wait_for(units_known, 30, "every unit registered from its telemetry")
+    await wait_for(units_known, 60, "every unit registered from its telemetry")
     assert await _open_faults(stack) == {}  # healthy units have no faults
 
     for n, (fault, _cls, _code) in enumerate(SCENARIOS.values(), start=1):

@@ -7,6 +7,7 @@ Mosquitto and PostgreSQL with EMU_TEST_MQTT_URL / EMU_TEST_DATABASE_URL, else am
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import secrets
@@ -23,7 +24,7 @@ from protocols.messages import AgentState, Event, Status, TelemetryPoint
 from protocols.topics import TopicKind, topic
 from server.core.config import ServerSettings, load_server_settings
 from server.core.db import Database
-from server.ingest.worker import IngestWorker
+from server.ingest.worker import GC_THRESHOLD, IngestWorker
 from server.models import Agent, Site, Unit
 from server.models import Event as EventRow
 from tests.bench.server_data import T0, batch_bytes, iso, make_site, points_doc
@@ -338,7 +339,9 @@ async def test_stop_drains_what_was_received(
     mqtt_broker: BrokerInfo, db: Database, workers: Workers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     site = await make_site(db)
+    collector = gc.get_threshold()
     worker = await workers.start(settings_for(mqtt_broker, db), db, site=site.code)
+    assert gc.get_threshold()[0] >= GC_THRESHOLD  # tuned while ingest runs
     release = asyncio.Event()
     real_store = worker._store
 
@@ -360,4 +363,6 @@ async def test_stop_drains_what_was_received(
     await wait_for(stopping, TIMEOUT, "stop() to drain")
     assert await count_rows(db, site) == 15
     assert worker.queue_depth == 0
+    await workers.close()
+    assert gc.get_threshold() == collector
 
