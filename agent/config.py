@@ -43,7 +43,7 @@ class UplinkSettings(Section):
     """Batching and publishing."""
 
     batch_max_points: int = Field(default=1000, ge=1, le=100_000)
-    batch_max_age_s: float = Field(default=1.0, gt=0, le=300)
+    batch_max_age_s: float = Field(default=0.5, gt=0, le=300)
     compress: bool = False
     max_inflight: int = Field(default=50, ge=1, le=1000)
     health_interval_s: float = Field(default=30.0, gt=0)

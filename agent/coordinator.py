@@ -148,10 +148,16 @@ class ModbusCoordinator:
         self._by_name = {p.name: p for p in self.points}
         self.stats.reads_per_cycle = len(self.plan)
 
-    async def run(self) -> None:
-        """Poll forever on a fixed schedule (start + k * interval)."""
+    async def run(self, phase_s: float = 0.0) -> None:
+        """Poll on a fixed schedule (start + phase + k * interval) until stopped.
+
+        The agent gives each unit its own phase so that a hundred units do not all fire
+        their reads, and their batches, in the same instant.
+        """
         loop = asyncio.get_running_loop()
         interval = self.device.poll_interval_s
+        if phase_s > 0:
+            await asyncio.sleep(phase_s)
         next_at = loop.time()
         while not self.stopping:
             ok = await self.poll_once()

@@ -78,7 +78,9 @@ class Agent:
             else:
                 coord = ModbusCoordinator(dev, profile, link, self.batcher, self.clock)
             self.coordinators.append(coord)
-            self._spawn(coord.run(), f"poll:{dev.name}")
+        n = len(self.coordinators)
+        for i, coord in enumerate(self.coordinators):  # spread the units over the interval
+            self._spawn(coord.run(i / n * coord.device.poll_interval_s), f"poll:{coord.name}")
         self._spawn(self.batcher.run(), "batcher")
         self._spawn(self.uplink.run(), "uplink")
         self._spawn(self._health_loop(), "health")
