@@ -666,6 +666,13 @@ class IngestWorker:
             self._log.warning(("topic", item.topic),
                               "ingest: ignored a message on %s: not an ingest topic", item.topic)
             return None
+        if kind is TopicKind.STATUS and not item.payload:
+            return None  # a retained status being deleted
+        hit, known = self.registry.peek_site(code)
+        if hit and known is None:  # a site we know we do not serve: skip the parse
+            self.stats.unknown_site += 1
+            self._count(stream, "unknown_site")
+            return None
         try:
             message = parse_payload(kind, item.payload)
         except MessageError as exc:
