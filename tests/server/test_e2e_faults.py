@@ -28,8 +28,9 @@ from agent.config import (
 from agent.service import Agent
 from server.core.config import HttpSettings, MqttSettings, ServerSettings
 from server.core.db import Database
+from server.core.security import hash_token
 from server.main import ServerProcess
-from server.models import Organisation, Site
+from server.models import ApiToken, Organisation, Site, User
 from simulators.server import SimConfig, Simulator
 from tests.support.broker import BrokerInfo
 from tests.support.waiting import wait_for
@@ -74,13 +75,18 @@ async def stack(
         s.add(
             Site(code=site_code, name="e2e", org_id=org.id, timezone="Asia/Shanghai", policy=POLICY)
         )
+        # an engineer of our own: the session's database may already have its bootstrap admin
+        user = User(name=f"eng-{site_code}", role="engineer")
+        s.add(user)
+        await s.flush()
+        assert user.id is not None
+        admin = secrets.token_urlsafe(24)
+        s.add(ApiToken(user_id=user.id, token_hash=hash_token(admin), name="e2e"))
     await db.close()
-    admin = secrets.token_urlsafe(24)
     protocol = "3.1.1" if mqtt_broker.embedded else "auto"
     settings = ServerSettings(
         database_url=server_db_url,
         secret_key=secrets.token_urlsafe(24),
-        admin_token=admin,
         mqtt=MqttSettings(
             url=mqtt_broker.url,
             protocol=protocol,
