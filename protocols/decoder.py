@@ -66,7 +66,10 @@ _NO_SF = -1
 
 
 class CompiledDecoder:
-    """Decodes a fixed read plan's responses into the same `Reading`s as `decode_image`."""
+    """Decodes a fixed read plan's responses into the same `Reading`s as `decode_image`.
+
+    Build it with `for_plan`, once per plan (a profile change means a new one).
+    """
 
     __slots__ = ("_converters", "_factors", "_packers", "_plan", "_points", "_swapped")
 
@@ -267,9 +270,9 @@ def _point_converter(p: PointDef, slot: int, locate: _Locator) -> Converter | No
     sources = locate.sources(p.table, p.address, p.size)
     if sources is None:
         return None
-    # A point's bytes in big-endian order are its registers' bytes, byte-swapped when the
-    # byte and word orders differ, then read backwards when the word order is little (for one
-    # register, reading backwards is the byte swap, so the plain bytes do).
+    # A point's value bytes, most significant first, are its registers' bytes, byte-swapped
+    # when byte and word order differ, read backwards when the word order is little. One
+    # register read backwards is its own byte swap, so the plain buffer does for it.
     if p.size == 1:
         swap, backwards = False, p.byte_order is ByteOrder.LITTLE
     else:
@@ -304,6 +307,7 @@ def _value_converter(p: PointDef, slot: int, k: int, offset: int, backwards: boo
 
 
 def _int_converter(p: PointDef, slot: int, k: int, offset: int, fmt: struct.Struct) -> Converter:
+    """Integer types: the sentinel, then (unless `scale_value` leaves the type alone) scaling."""
     unpack_from = fmt.unpack_from
     missing = NOT_IMPLEMENTED[p.type] if p.sentinel else None
     lo, hi = p.minimum, p.maximum
@@ -349,6 +353,7 @@ def _int_converter(p: PointDef, slot: int, k: int, offset: int, fmt: struct.Stru
 
 
 def _float_converter(p: PointDef, slot: int, k: int, offset: int, fmt: struct.Struct) -> Converter:
+    """float32/float64: NaN is the sentinel; the value is always rounded to 9 places."""
     unpack_from = fmt.unpack_from
     sentinel, scale, has_sf = p.sentinel, p.scale, p.sf is not None
     lo, hi = p.minimum, p.maximum
@@ -376,6 +381,7 @@ def _float_converter(p: PointDef, slot: int, k: int, offset: int, fmt: struct.St
 
 
 def _bytes_converter(p: PointDef, k: int, offset: int, backwards: bool) -> Converter:
+    """Strings (UTF-8, NULs and trailing blanks stripped) and raw bytes as hex; all NUL: None."""
     end = offset + 2 * p.size
     blank = bytes(2 * p.size) if p.sentinel else None
     text = p.type is PointType.STRING
