@@ -6,6 +6,7 @@ PostgreSQL; without them the suite falls back to an in-process amqtt broker and 
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 
@@ -44,3 +45,10 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     if url:
         return external_database(url)
     return sqlite_url(tmp_path_factory.mktemp("db"))
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect after each test, so that a leaked socket is blamed on the test that leaked it."""
+    yield
+    gc.collect()

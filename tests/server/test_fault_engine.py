@@ -609,6 +609,8 @@ async def test_real_agent_intermittent_comms_is_d_and_healthy_is_nothing(
             await wait_for(lambda: min(c.stats.cycles for c in coords) >= cycles, 60,
                            f"{cycles} poll cycles of both units")
         finally:
+            for c in coords:
+                c.stopping = True  # a cancel can be swallowed by wait_for on Python 3.11
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
