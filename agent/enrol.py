@@ -17,7 +17,6 @@ import os
 import re
 import tempfile
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -26,6 +25,7 @@ import httpx
 import typer
 
 from agent.errors import AgentError
+from protocols.enrolment import Credentials as EnrolledCredentials
 from protocols.errors import TopicError
 from protocols.topics import validate_site
 
@@ -46,18 +46,6 @@ _STRING_LINE = re.compile(
 
 class EnrolmentError(AgentError):
     """Enrolment failed: the server refused the token, or the answer could not be stored."""
-
-
-@dataclass(frozen=True)
-class EnrolledCredentials:
-    """What the server gave this agent."""
-
-    site: str
-    agent_id: str
-    username: str
-    password: str = field(repr=False)
-    broker_url: str | None = None
-    ca_pem: str | None = None
 
 
 # --- talking to the server -------------------------------------------------------------------

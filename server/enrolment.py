@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from protocols.enrolment import Credentials
 from protocols.errors import TopicError
 from protocols.topics import validate_site
 from server.broker_auth import SERVER_USERNAME, hash_password
@@ -65,18 +66,6 @@ class Enrolment:
     agent_id: str
     token: str = field(repr=False)
     expires_at: datetime
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What an agent receives for a valid token."""
-
-    site: str
-    agent_id: str
-    username: str
-    password: str = field(repr=False)
-    broker_url: str | None = None
-    ca_pem: str | None = None
 
 
 def check_agent_id(agent_id: str) -> str:
