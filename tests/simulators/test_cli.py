@@ -18,6 +18,7 @@ from protocols.profiles import load_profile
 from tests.simulators.modbus_io import read_points
 from tests.simulators.test_modbus import scan_with_pysunspec2
 from tests.support.net import free_tcp_port
+from tests.support.process import read_until
 from tests.support.waiting import wait_for
 
 runner = CliRunner()
@@ -99,11 +100,7 @@ async def test_emu_sim_process_end_to_end() -> None:
     )
     assert proc.stdout is not None
     try:
-        banner = ""
-        while "control" not in banner:
-            line = await wait_for(proc.stdout.readline(), 20, "the simulator's banner")
-            assert line, f"simulator exited early: {banner}"
-            banner += line.decode()
+        banner = await read_until(proc.stdout, "control", 20, "the simulator's banner")
         assert f"127.0.0.1:{port} unit ids 1..3" in banner
         for unit_id in (1, 2, 3):
             found = await asyncio.to_thread(scan_with_pysunspec2, "127.0.0.1", port, unit_id)

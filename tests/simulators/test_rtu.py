@@ -17,6 +17,7 @@ from protocols.registers import PointType, decode
 from protocols.sunspec import SUNS_MARKER
 from simulators.errors import SimulatorError
 from simulators.server import SimConfig, Simulator
+from tests.support.process import read_until
 from tests.support.serial_pair import SerialPair, serial_pair_fixture
 from tests.support.waiting import wait_for
 
@@ -129,11 +130,7 @@ async def test_emu_sim_serial_process(serial_pair: SerialPair) -> None:
     )
     assert proc.stdout is not None
     try:
-        banner = ""
-        while "control" not in banner:
-            line = await wait_for(proc.stdout.readline(), 20, "the simulator's banner")
-            assert line, f"simulator exited early: {banner}"
-            banner += line.decode()
+        banner = await read_until(proc.stdout, "control", 20, "the simulator's banner")
         assert f"modbus rtu {serial_pair.a} {BAUDRATE} 8N1 unit ids 1..2" in banner
         client = AsyncModbusSerialClient(
             serial_pair.b, baudrate=BAUDRATE, timeout=1, retries=0, reconnect_delay=0
