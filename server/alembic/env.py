@@ -6,7 +6,9 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlmodel import SQLModel
 
-import server.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import server.models  # (registers the tables on SQLModel.metadata)
+import server.sla.models
+import server.tickets.models  # noqa: F401
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -1,0 +1,1 @@
+"""Service requests (tickets): their state machine, timeline, links and spare parts."""
