@@ -123,6 +123,10 @@ class DiscoveringCoordinator(ModbusCoordinator):
             return False
         return await super().poll_once()
 
+    async def discover(self) -> bool:
+        """Walk the chain once without polling (commissioning probes); True if discovered."""
+        return await self._discovery_cycle()
+
     async def _discovery_cycle(self) -> bool:
         try:
             await self._connect()

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocols.commissioning import CommissioningSpec
 from protocols.errors import CodecError, ProfileError, SunSpecError
 from protocols.registers import (
     ByteOrder,
@@ -91,6 +92,9 @@ class Profile(_Strict):
     input_block: str = Field(default="io", pattern=r"^[a-z][a-z0-9_]*$")
     input_points: tuple[InputPoint, ...] = ()
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    commissioning: CommissioningSpec | None = Field(
+        default=None, description="what commissioning requires of this series"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Profile:
@@ -107,7 +111,18 @@ class Profile(_Strict):
                 raise ValueError(f"ranges.{key}: no such point")
             if lo > hi:
                 raise ValueError(f"ranges.{key}: minimum {lo} is above maximum {hi}")
+        if self.commissioning is not None:
+            self._check_commissioning(self.commissioning, names)
         return self
+
+    @staticmethod
+    def _check_commissioning(spec: CommissioningSpec, names: set[str]) -> None:
+        for key in (spec.insulation_point, spec.alarm_point, *spec.ranges):
+            if key not in names:
+                raise ValueError(f"commissioning: no such point {key}")
+        for key, (lo, hi) in spec.ranges.items():
+            if lo > hi:
+                raise ValueError(f"commissioning.ranges.{key}: minimum {lo} is above {hi}")
 
     @functools.cached_property
     def chain(self) -> tuple[tuple[ModelDef, int], ...]:

@@ -121,6 +121,14 @@ def test_missing_keys_are_named() -> None:
     assert "x.toml: manufacturer: Field required" in str(info.value)
 
 
+def _inline(table: dict[str, Any]) -> str:
+    """A TOML inline table, nested tables included."""
+    return "{" + ", ".join(
+        f"{json.dumps(k)} = " + (_inline(v) if isinstance(v, dict) else json.dumps(v))
+        for k, v in table.items()
+    ) + "}"
+
+
 def _dump(data: dict[str, Any]) -> str:
     """A tiny TOML writer for the flat test profiles (values as JSON is valid TOML here)."""
     lines = []
@@ -132,8 +140,7 @@ def _dump(data: dict[str, Any]) -> str:
             )
             lines.append(f"{key} = [{inline}]")
         elif isinstance(value, dict):
-            inline = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
-            lines.append(f"{key} = {{{inline}}}")
+            lines.append(f"{key} = {_inline(value)}")
         else:
             lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"

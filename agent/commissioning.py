@@ -1,0 +1,171 @@
+"""Remote commissioning on the site: find the units, read their nameplates, run the checks.
+
+`CommissioningRunner.run(CheckRequest)` probes every (address, unit id) of the request's
+targets, a bounded number at a time, each over its own Modbus TCP connection so that a silent
+id costs one timeout and delays no other. An id that answers is walked as SunSpec
+(`DiscoveringCoordinator`), its model name matched to a shipped profile, then read once in
+full with that profile (`ModbusCoordinator`, the same reads and decoding as daily polling) and
+judged by `protocols.commissioning.evaluate_unit`. The result is a `CheckOutcome` with one
+`UnitFinding` per unit that answered, evidence included; comparing it with the plan (missing
+and unexpected units) and judging the gateway clock is the server's job.
+
+The runner is the handler of the `commissioning.check` command (see `handle`), and works on
+its own for tests and for `emu agent` diagnostics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from agent.config import DeviceSettings
+from agent.coordinator import ModbusCoordinator
+from agent.devices.discovery import DiscoveringCoordinator
+from agent.devices.modbus import ModbusLink
+from protocols.clock import Clock, SystemClock
+from protocols.commissioning import (
+    CheckOutcome,
+    CheckRequest,
+    CheckResult,
+    Requirements,
+    Target,
+    UnitFinding,
+    evaluate_unit,
+    parse_unit_ids,
+)
+from protocols.messages import EventKind, Quality, Severity
+from protocols.profiles import Profile, all_profiles
+from protocols.registers import Value
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class _Readings:
+    """A `Sink` that keeps the last good value of each point (one full read of one unit)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Value | None] = {}
+
+    def add_samples(
+        self, device: str, ts: datetime, samples: Iterable[tuple[str, Value | None, Quality]]
+    ) -> None:
+        """Keep values read fine or out of the profile's valid range (still evidence)."""
+        for name, value, quality in samples:
+            if quality in (Quality.GOOD, Quality.OUT_OF_RANGE):
+                self.values[name] = value
+
+    def add_event(
+        self, ts: datetime, kind: EventKind, device: str | None, code: str | None = None,
+        severity: Severity = Severity.INFO, detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Events (alarm edges) are not needed: the alarm check reads the alarm register."""
+
+
+class CommissioningRunner:
+    """Runs `commissioning.check` requests against the units of this site."""
+
+    def __init__(self, clock: Clock | None = None,
+                 profiles: Sequence[Profile] | None = None) -> None:
+        self.clock = clock or SystemClock()
+        self.profiles = list(profiles if profiles is not None else all_profiles())
+
+    def profile_for(self, model: str | None) -> Profile | None:
+        """The shipped profile whose model name the unit reports, if any."""
+        return next((p for p in self.profiles if model and p.model == model), None)
+
+    async def run(self, request: CheckRequest, progress: Progress | None = None) -> CheckOutcome:
+        """Probe every target address and unit id, and check the units that answer."""
+        started = self.clock.now()
+        addresses = [(t, uid) for t in request.targets for uid in parse_unit_ids(t.unit_ids)]
+        gate = asyncio.Semaphore(request.concurrency)
+        done = 0
+
+        async def probe(target: Target, unit_id: int) -> UnitFinding | str | None:
+            nonlocal done
+            async with gate:
+                try:
+                    return await self._probe(request, target, unit_id)
+                finally:
+                    done += 1
+                    if progress is not None and (done % 10 == 0 or done == len(addresses)):
+                        await progress({"probed": done, "of": len(addresses)})
+
+        results = await asyncio.gather(*(probe(t, uid) for t, uid in addresses))
+        units = tuple(r for r in results if isinstance(r, UnitFinding))
+        notes = tuple(r for r in results if isinstance(r, str))
+        log.info("commissioning plan %d: %d unit(s) found at %d address(es)",
+                 request.plan_id, len(units), len(addresses))
+        return CheckOutcome(
+            plan_id=request.plan_id, run_id=request.run_id, started_at=started,
+            finished_at=self.clock.now(), agent_time=self.clock.now(), probed=len(addresses),
+            units=units, notes=notes,
+        )
+
+    async def _probe(
+        self, request: CheckRequest, target: Target, unit_id: int
+    ) -> UnitFinding | str | None:
+        """One address: None if nothing answers, a note if it answers but is not SunSpec."""
+        device = DeviceSettings(
+            name=f"commissioning-{unit_id}", protocol="modbus-tcp", profile="sunspec",
+            host=target.host, port=target.port, unit_id=unit_id,
+            timeout_s=request.timeout_s, retries=0, comm_loss_after=100,
+        )
+        link = ModbusLink(device)
+        try:
+            walker = DiscoveringCoordinator(device, link, _Readings(), self.clock)
+            if not await walker.discover():
+                if walker.stats.timeouts:
+                    return None
+                return f"{link.where}: answers but is not SunSpec: {walker.stats.last_error}"
+            assert walker.discovered is not None  # noqa: S101 - set by a successful cycle
+            return await self._check_unit(request, device, link, walker)
+        finally:
+            link.close()
+
+    async def _check_unit(
+        self, request: CheckRequest, device: DeviceSettings, link: ModbusLink,
+        walker: DiscoveringCoordinator,
+    ) -> UnitFinding:
+        discovered = walker.discovered
+        assert discovered is not None  # noqa: S101 - checked by the caller
+        base = {"host": device.host or "", "port": device.port, "unit_id": device.unit_id,
+                "manufacturer": discovered.manufacturer, "model": discovered.model,
+                "chain": walker.chain}
+        profile = self.profile_for(discovered.model)
+        if profile is None:
+            return UnitFinding(series=None, **base, checks=(CheckResult(
+                check="nameplate", passed=False,
+                detail=f"model {discovered.model!r} matches no EMU profile",
+                evidence={"manufacturer": discovered.manufacturer, "model": discovered.model,
+                          "chain": list(walker.chain)}),))
+        readings = _Readings()
+        reader = ModbusCoordinator(device, profile, link, readings, self.clock)
+        answered = await reader.poll_once()
+        stats = reader.stats
+        failed = len(reader.plan) if not answered else stats.exceptions + stats.malformed
+        values = readings.values
+        requirements = request.requirements.get(profile.series) or Requirements.of(profile)
+        checks = evaluate_unit(profile, values, requirements, chain=walker.chain,
+                               reads=len(reader.plan), failed=failed, error=stats.last_error)
+
+        def text(name: str) -> str | None:
+            value = values.get(name)
+            return str(value) if value not in (None, "") else None
+
+        return UnitFinding(
+            series=profile.series, **{**base, "model": text("common.Md") or discovered.model},
+            serial=text("common.SN"), firmware=text("emu.FwVer") or text("common.Vr"),
+            checks=tuple(checks),
+        )
+
+    async def handle(self, args: dict[str, Any], progress: Progress | None = None
+                     ) -> dict[str, Any]:
+        """The command handler's body: validated arguments in, the outcome as JSON out."""
+        request = CheckRequest.model_validate(args)
+        outcome = await self.run(request, progress)
+        return outcome.model_dump(mode="json")
