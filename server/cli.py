@@ -63,7 +63,7 @@ def run(
         runner = asyncio.create_task(proc.run(stop))
         await proc.started.wait()
         if "api" in settings.roles:
-            typer.echo(f"api http://{settings.http.host}:{proc.api_port}/api/v1/ "
+            typer.echo(f"api {settings.http.scheme}://{settings.http.host}:{proc.api_port}/api/v1/ "
                        f"(docs /docs, health /healthz, metrics /metrics)")
         typer.echo(f"roles {', '.join(settings.roles)}; database {_redact(settings.database_url)}"
                    f"; broker {settings.mqtt.url}")

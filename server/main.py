@@ -114,8 +114,10 @@ class ServerProcess:
         from server.app import create_app
 
         app = create_app(self.settings, self.db)
-        config = uvicorn.Config(app, host=self.settings.http.host, port=self.settings.http.port,
-                                log_level="warning", lifespan="on")
+        http = self.settings.http
+        config = uvicorn.Config(app, host=http.host, port=http.port, log_level="warning",
+                                lifespan="on", forwarded_allow_ips=http.forwarded_allow_ips,
+                                ssl_certfile=http.tls_cert_file, ssl_keyfile=http.tls_key_file)
         process = self
 
         class _Server(uvicorn.Server):

@@ -19,18 +19,55 @@ class MqttSettings(MqttEndpoint):
     """The central broker the ingest worker subscribes to."""
 
     ca_file: Path | None = None
+    cert_file: Path | None = Field(
+        default=None, description="client certificate, for a broker that requires one"
+    )
+    key_file: Path | None = None
     client_id: str | None = None
     shared_group: str | None = Field(
         default="emu-ingest", description="shared subscription group; empty to disable"
     )
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> MqttSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for f in (self.ca_file, self.cert_file, self.key_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"{f}: no such file")
+        return self
+
 
 class HttpSettings(Section):
-    """Where the API listens."""
+    """Where the API listens, and its TLS certificate when it serves HTTPS itself.
+
+    Behind a TLS-terminating reverse proxy (deploy/compose.yml) leave the certificate out and
+    list the proxy in `forwarded_allow_ips`, so client addresses and the scheme come from its
+    X-Forwarded-* headers.
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    tls_cert_file: Path | None = Field(default=None, description="PEM chain: serve HTTPS")
+    tls_key_file: Path | None = None
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1", description="proxies trusted for X-Forwarded-* (comma list or *)"
+    )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HttpSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for f in (self.tls_cert_file, self.tls_key_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"{f}: no such file")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """`https` when the API serves TLS itself, else `http`."""
+        return "https" if self.tls_cert_file else "http"
 
 
 class StorageSettings(Section):

@@ -433,10 +433,13 @@ class IngestWorker:
             client.username_pw_set(self.mqtt.username, self.mqtt.password)
         if self.mqtt.url.startswith("mqtts://"):
             try:
-                client.tls_set(ca_certs=str(self.mqtt.ca_file) if self.mqtt.ca_file else None,
+                m = self.mqtt
+                client.tls_set(ca_certs=str(m.ca_file) if m.ca_file else None,
+                               certfile=str(m.cert_file) if m.cert_file else None,
+                               keyfile=str(m.key_file) if m.key_file else None,
                                tls_version=ssl.PROTOCOL_TLS_CLIENT)
             except (ssl.SSLError, OSError) as exc:
-                raise IngestError(f"mqtt.ca_file unusable: {exc}") from exc
+                raise IngestError(f"mqtt TLS files unusable: {exc}") from exc
         return client
 
     async def _session(self, proto: MQTTProtocolVersion) -> None:

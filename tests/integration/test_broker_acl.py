@@ -16,11 +16,7 @@ checked, is that nothing is delivered through it.
 
 from __future__ import annotations
 
-import getpass
-import ipaddress
-import os
 import queue
-import shutil
 import signal
 import subprocess
 import threading
@@ -28,16 +24,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -51,7 +42,10 @@ from server.broker_auth import (
     write_password_file,
 )
 from server.enrolment import new_password
-from tests.support.net import LOOPBACK, accepts_connections, free_tcp_port
+from tests.support import mosquitto
+from tests.support.mosquitto import MOSQUITTO, MOSQUITTO_PASSWD
+from tests.support.net import LOOPBACK
+from tests.support.tls import TestCA
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -65,56 +59,6 @@ PROTOCOLS = [
     pytest.param(mqtt.MQTTv311, id="mqtt311"),
     pytest.param(mqtt.MQTTv5, id="mqtt5"),
 ]
-
-
-def _binary(name: str, *dirs: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    return next((f"{d}/{name}" for d in dirs if os.access(f"{d}/{name}", os.X_OK)), None)
-
-
-MOSQUITTO = _binary("mosquitto", "/usr/sbin", "/usr/local/sbin")
-MOSQUITTO_PASSWD = _binary("mosquitto_passwd", "/usr/bin", "/usr/local/bin")
-
-
-# --- a test CA and the broker's certificate -----------------------------------------------
-
-
-def _write_tls(directory: Path) -> tuple[Path, Path, Path]:
-    """(ca.crt, broker.crt, broker.key) for a broker at 127.0.0.1, valid for a day."""
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "EMU test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
-        ]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.crt", directory / "broker.crt", directory / "broker.key"
-    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
-    return paths
 
 
 # --- the broker ---------------------------------------------------------------------------
@@ -143,72 +87,14 @@ class Broker:
         return self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
 
 
-def _test_conf(tmp: Path, tls_port: int, plain_port: int, files: dict[str, Path]) -> str:
-    """deploy/mosquitto/mosquitto.conf with its paths and ports replaced by ours."""
-    ports = {"8883": tls_port, "1883": plain_port}
-    out = []
-    for line in DEPLOY_CONF.read_text(encoding="utf-8").splitlines():
-        words = line.split()
-        if not words or words[0].startswith("#"):
-            continue
-        if words[0] == "listener":
-            out.append(f"listener {ports[words[1]]} {LOOPBACK}")
-        elif words[0] in files:
-            out.append(f"{words[0]} {files[words[0]]}")
-        else:
-            assert "/" not in line, f"the test does not know how to relocate: {line!r}"
-            out.append(line)
-    out += [
-        "persistence false",
-        f"log_dest file {tmp / 'mosquitto.log'}",
-        "log_type all",
-        f"user {getpass.getuser()}",  # as root, stay root: tmp_path is not the mosquitto user's
-    ]
-    return "\n".join(out) + "\n"
-
-
-def _start(tmp: Path, files: dict[str, Path]) -> tuple[subprocess.Popen[bytes], int, int]:
-    assert MOSQUITTO is not None
-    for attempt in range(3):
-        tls_port, plain_port = free_tcp_port(), free_tcp_port()
-        conf = tmp / "mosquitto.conf"
-        conf.write_text(_test_conf(tmp, tls_port, plain_port, files), encoding="utf-8")
-        stderr = (tmp / f"stderr-{attempt}.txt").open("wb")
-        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=stderr, stderr=stderr)  # noqa: S603
-        stderr.close()
-        def up(p: subprocess.Popen[bytes] = proc, t: int = tls_port, q: int = plain_port) -> bool:
-            exited = p.poll() is not None
-            return exited or (accepts_connections(LOOPBACK, t) and accepts_connections(LOOPBACK, q))
-
-        try:
-            wait_until(up, TIMEOUT, "the private Mosquitto to listen")
-        except AssertionError:
-            _stop(proc)
-            raise
-        if proc.poll() is None:
-            return proc, tls_port, plain_port
-        proc.wait()  # a port was taken in between: try others
-    log = (tmp / "mosquitto.log").read_text(encoding="utf-8", errors="replace")
-    raise AssertionError(f"Mosquitto did not start: {log}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(TIMEOUT)
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """Mosquitto with sites A and B, the server user, and a user hashed by mosquitto_passwd."""
     if MOSQUITTO is None:
         pytest.skip("mosquitto is not installed (Debian package `mosquitto`)")
     tmp = tmp_path_factory.mktemp("mosquitto")
-    ca, cert, key = _write_tls(tmp)
+    ca = TestCA(tmp)
+    server = ca.server("broker")
     passwd = tmp / "passwd"
     users = {"site-a": new_password(), "site-b": new_password(), "site-c": new_password(),
              SERVER_USERNAME: new_password()}
@@ -222,14 +108,12 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         )
         name, encoded = tool_file.read_text(encoding="utf-8").strip().split(":", 1)
         entries[name] = PasswordEntry(name, encoded)
-    files = {"password_file": passwd, "acl_file": DEPLOY_ACL, "certfile": cert, "keyfile": key}
+    files = {"password_file": passwd, "acl_file": DEPLOY_ACL, "certfile": server.cert,
+             "keyfile": server.key}
     write_password_file(passwd, entries.values())
-    proc, tls_port, plain_port = _start(tmp, files)
-    info = Broker(proc, tls_port, plain_port, ca, passwd, tmp / "mosquitto.log", users, entries)
-    try:
-        yield info
-    finally:
-        _stop(proc)
+    with mosquitto.running(DEPLOY_CONF, tmp, files) as m:
+        yield Broker(m.proc, m.port("8883"), m.port("1883"), ca.cert, passwd, m.log, users,
+                     entries)
 
 
 # --- MQTT clients -------------------------------------------------------------------------
