@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from emu.settings import FileSettings, MqttEndpoint, Section, load_settings
+from server.sla.config import SlaSettings
 
 
 class MqttSettings(MqttEndpoint):
@@ -107,6 +108,7 @@ class ServerSettings(FileSettings):
     http: HttpSettings = HttpSettings()
     storage: StorageSettings = StorageSettings()
     enrolment: EnrolmentSettings = EnrolmentSettings()
+    sla: SlaSettings = SlaSettings()
 
     @field_validator("database_url")
     @classmethod

@@ -3,6 +3,7 @@
     ServerError (server.errors)
     └── InvalidInput (422)
         └── SlaConfigError   bad SLA terms: unknown zone, country, calendar or target
+    NotifyError              a webhook or email could not be delivered (retried)
 """
 
 from __future__ import annotations
@@ -12,3 +13,7 @@ from server.errors import InvalidInput
 
 class SlaConfigError(InvalidInput):
     """SLA terms that cannot be used (named in the message)."""
+
+
+class NotifyError(Exception):
+    """A notification could not be delivered (it is retried later); not an HTTP error."""
