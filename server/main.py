@@ -32,6 +32,7 @@ class ServerProcess:
         self._uvicorn: Any = None
         self.ingest: Any = None
         self.faults: Any = None
+        self.sla: Any = None
 
     async def prepare(self) -> None:
         """Migrate (if configured); the API's lifespan creates the bootstrap admin."""
@@ -44,6 +45,7 @@ class ServerProcess:
 
         await self.prepare()
         self.faults = FaultEngine(self.clock)
+        self._tickets()
         tasks: list[asyncio.Task[None]] = []
         roles = self.settings.roles
         if "ingest" in roles:
@@ -69,6 +71,16 @@ class ServerProcess:
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.db.close()
+
+    def _tickets(self) -> None:
+        """Faults open tickets; the SLA engine (scheduler role) fires their clocks."""
+        from server.sla import clocks
+        from server.sla.engine import SlaEngine
+        from server.tickets.faults import FaultTickets
+
+        clocks.configure(self.settings.sla.terms)
+        FaultTickets(self.settings.sla, self.clock).attach(self.faults)
+        self.sla = SlaEngine(self.db, self.settings.sla, self.clock)
 
     async def _supervise(self, name: str, role: Callable[[], Awaitable[None]]) -> None:
         delay = 1.0
@@ -97,6 +109,10 @@ class ServerProcess:
         loop = asyncio.get_running_loop()
         next_rollup = loop.time()
         while True:
+            try:
+                await self.sla.tick()
+            except Exception:
+                log.exception("SLA tick failed")
             try:
                 async with self.db.session() as session:
                     await self.faults.tick(session, self.clock.now())

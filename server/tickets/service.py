@@ -37,7 +37,7 @@ async def get_ticket(session: AsyncSession, ticket_id: int, *, lock: bool = Fals
     return ticket
 
 
-def _pk(value: int | None) -> int:
+def require_id(value: int | None) -> int:
     """A flushed row's primary key."""
     if value is None:
         raise RuntimeError("row has no id: flush first")
@@ -84,7 +84,7 @@ async def open_ticket(
                     unit_ids=units, created_by=actor, created_at=now, updated_at=now)
     session.add(ticket)
     await session.flush()
-    ticket_id = _pk(ticket.id)
+    ticket_id = require_id(ticket.id)
     await record(session, ticket_id, "opened", title, actor=actor,
                  detail={"source": source, "fault_class": fault_class}, now=now)
     await clocks.start_clocks(session, ticket_id, site, _class_key(source, fault_class), now=now)
@@ -321,7 +321,7 @@ async def release_installed(
     )).all()
     closed: list[int] = []
     for ticket in candidates:
-        tid = _pk(ticket.id)
+        tid = require_id(ticket.id)
         links = (await session.exec(
             select(TicketLink).where(TicketLink.ticket_id == tid)
         )).all()
