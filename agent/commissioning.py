@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from agent.config import DeviceSettings
 from agent.coordinator import ModbusCoordinator
 from agent.devices.discovery import DiscoveringCoordinator
 from agent.devices.modbus import ModbusLink
+from agent.errors import CommError, ReplyError
 from protocols.clock import Clock, SystemClock
 from protocols.commissioning import (
     CheckOutcome,
@@ -38,10 +40,12 @@ from protocols.commissioning import (
 )
 from protocols.messages import EventKind, Quality, Severity
 from protocols.profiles import Profile, all_profiles
-from protocols.registers import Value
+from protocols.registers import Table, Value
+from protocols.sunspec import DEFAULT_BASES, SUNS_MARKER
 
 log = logging.getLogger(__name__)
 
+READ_ATTEMPTS = 2
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -66,6 +70,30 @@ class _Readings:
         """Events (alarm edges) are not needed: the alarm check reads the alarm register."""
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """An address that answered, but showed no SunSpec map."""
+
+    host: str
+    port: int
+    unit_id: int
+    why: str | None = None
+
+    @staticmethod
+    def summarise(refused: Sequence[_Refused]) -> tuple[str, ...]:
+        """One note per address: which unit ids answered without a SunSpec map."""
+        by_place: dict[tuple[str, int], list[_Refused]] = {}
+        for r in refused:
+            by_place.setdefault((r.host, r.port), []).append(r)
+        notes = []
+        for (host, port), items in by_place.items():
+            ids = ", ".join(str(r.unit_id) for r in sorted(items, key=lambda r: r.unit_id))
+            whys = sorted({r.why for r in items if r.why})
+            notes.append(f"{host}:{port} unit id(s) {ids} answered without a SunSpec map"
+                         + (f" ({'; '.join(whys)})" if whys else ""))
+        return tuple(notes)
+
+
 class CommissioningRunner:
     """Runs `commissioning.check` requests against the units of this site."""
 
@@ -85,7 +113,7 @@ class CommissioningRunner:
         gate = asyncio.Semaphore(request.concurrency)
         done = 0
 
-        async def probe(target: Target, unit_id: int) -> UnitFinding | str | None:
+        async def probe(target: Target, unit_id: int) -> UnitFinding | _Refused | None:
             nonlocal done
             async with gate:
                 try:
@@ -97,7 +125,7 @@ class CommissioningRunner:
 
         results = await asyncio.gather(*(probe(t, uid) for t, uid in addresses))
         units = tuple(r for r in results if isinstance(r, UnitFinding))
-        notes = tuple(r for r in results if isinstance(r, str))
+        notes = _Refused.summarise([r for r in results if isinstance(r, _Refused)])
         log.info("commissioning plan %d: %d unit(s) found at %d address(es)",
                  request.plan_id, len(units), len(addresses))
         return CheckOutcome(
@@ -108,8 +136,9 @@ class CommissioningRunner:
 
     async def _probe(
         self, request: CheckRequest, target: Target, unit_id: int
-    ) -> UnitFinding | str | None:
-        """One address: None if nothing answers, a note if it answers but is not SunSpec."""
+    ) -> UnitFinding | _Refused | None:
+        """One address: None if nothing answers, `_Refused` if it answers every SunSpec base
+        with a Modbus exception (an empty id behind a gateway), else a finding."""
         device = DeviceSettings(
             name=f"commissioning-{unit_id}", protocol="modbus-tcp", profile="sunspec",
             host=target.host, port=target.port, unit_id=unit_id,
@@ -117,15 +146,29 @@ class CommissioningRunner:
         )
         link = ModbusLink(device)
         try:
+            try:
+                await link.connect()
+                if not await self._has_marker(link):
+                    return _Refused(target.host, target.port, unit_id)
+            except CommError:
+                return None
             walker = DiscoveringCoordinator(device, link, _Readings(), self.clock)
             if not await walker.discover():
-                if walker.stats.timeouts:
-                    return None
-                return f"{link.where}: answers but is not SunSpec: {walker.stats.last_error}"
-            assert walker.discovered is not None  # noqa: S101 - set by a successful cycle
+                return _Refused(target.host, target.port, unit_id, walker.stats.last_error)
             return await self._check_unit(request, device, link, walker)
         finally:
             link.close()
+
+    @staticmethod
+    async def _has_marker(link: ModbusLink) -> bool:
+        """Whether a SunS marker sits at one of the SunSpec bases (CommError if silent)."""
+        for base in DEFAULT_BASES:
+            try:
+                if tuple(await link.read(Table.HOLDING, base, 2)) == SUNS_MARKER:
+                    return True
+            except ReplyError:
+                continue
+        return False
 
     async def _check_unit(
         self, request: CheckRequest, device: DeviceSettings, link: ModbusLink,
@@ -145,7 +188,11 @@ class CommissioningRunner:
                           "chain": list(walker.chain)}),))
         readings = _Readings()
         reader = ModbusCoordinator(device, profile, link, readings, self.clock)
-        answered = await reader.poll_once()
+        answered = False
+        for _ in range(READ_ATTEMPTS):  # one lost answer is not a failed commissioning
+            answered = await reader.poll_once()
+            if answered:
+                break
         stats = reader.stats
         failed = len(reader.plan) if not answered else stats.exceptions + stats.malformed
         values = readings.values

@@ -123,7 +123,7 @@ class CheckRequest(_Strict):
     run_id: int | None = Field(default=None, ge=1)
     targets: tuple[Target, ...] = Field(min_length=1, max_length=64)
     requirements: dict[str, Requirements] = Field(description="by series")
-    timeout_s: float = Field(default=0.5, gt=0, le=10)
+    timeout_s: float = Field(default=1.0, gt=0, le=10)
     concurrency: int = Field(default=16, ge=1, le=64)
 
 

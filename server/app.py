@@ -32,6 +32,7 @@ from server.api import (
 )
 from server.api.errors import install_error_handlers
 from server.broker_auth import SERVER_USERNAME
+from server.commissioning import api as commissioning
 from server.core.config import ServerSettings
 from server.core.db import Database
 from server.core.security import ensure_admin
@@ -47,7 +48,8 @@ HEALTH_TIMEOUT_S = 3.0
 def api_router() -> APIRouter:
     """Every resource's router under `/api/v1`."""
     router = APIRouter(prefix=API_PREFIX)
-    modules = (organisations, sites, agents, enrolment, units, telemetry, faults, events, users)
+    modules = (organisations, sites, agents, enrolment, units, telemetry, faults, events, users,
+               commissioning)
     for module in modules:
         router.include_router(module.router)
     return router

@@ -10,14 +10,16 @@ is why the templates keep to that subset and put their styling in `<head>` only.
 A template may have a Markdown twin (`<name>.md`, e.g. for tickets and mails); if present it is
 rendered with the same context into `Document.markdown`.
 
-Unicode: the PDF embeds DejaVu Sans when the machine has it (Debian/Ubuntu `fonts-dejavu-core`,
-most Linux desktops); otherwise it falls back to the PDF core font Helvetica, whose Latin-1
-alphabet covers the text after transliteration of the few characters outside it.
+Fonts: text within Latin-1 (most plans) uses the PDF core font Helvetica, which costs nothing.
+Text beyond it embeds DejaVu Sans when the machine has it (Debian/Ubuntu `fonts-dejavu-core`,
+most Linux desktops), at about a second per PDF; without DejaVu the few characters outside
+Latin-1 are transliterated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -133,6 +135,17 @@ def _font_dir() -> Path | None:
     return None
 
 
+def _needs_unicode(body: str) -> bool:
+    """Whether the text goes beyond Latin-1: only then are TrueType fonts embedded, which
+    costs about a second per PDF (parsing and subsetting four fonts); Latin-1 text uses the
+    PDF core fonts, which cost nothing."""
+    try:
+        html.unescape(body).encode("latin-1")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _to_latin1(text: str) -> str:
     """Text the core fonts can show: Latin-1 as is, a few symbols spelled out, others stripped
     of their accents or replaced by '?'."""
@@ -171,7 +184,7 @@ def html_to_pdf(html: str) -> bytes:
     if title:
         pdf.set_title(title.group(1).strip())
     pdf.set_creator("EMU Remote Service")
-    fonts = _font_dir()
+    fonts = _font_dir() if _needs_unicode(body) else None
     mono = "Courier"
     if fonts is not None:
         for style, name in FONT_FILES.items():

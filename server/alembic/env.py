@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlmodel import SQLModel
 
+import server.commissioning.models
 import server.models  # (registers the tables on SQLModel.metadata)
 import server.sla.models
 import server.tickets.models  # noqa: F401
