@@ -70,6 +70,8 @@ class ServerProcess:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.sla is not None:
+                await self.sla.close()
             await self.db.close()
 
     def _tickets(self) -> None:

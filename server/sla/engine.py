@@ -68,6 +68,10 @@ class SlaEngine:
         self.sender: Sender = sender or Notifier(self.settings)
         self.ticks = 0
 
+    async def close(self) -> None:
+        """Close the sender's connections."""
+        await self.sender.aclose()
+
     async def tick(self, now: datetime | None = None) -> TickResult:
         """Fire what is due, then send what is pending."""
         now = now or self.clock.now()

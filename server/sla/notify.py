@@ -24,12 +24,23 @@ class Sender(Protocol):
         """Deliver or raise NotifyError."""
         ...
 
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
 
 class Notifier:
     """Webhooks as JSON POSTs, emails over SMTP, configured by the `[sla]` settings."""
 
     def __init__(self, settings: SlaSettings) -> None:
         self.settings = settings
+        self._http: httpx.AsyncClient | None = None
+
+    async def aclose(self) -> None:
+        """Close the webhook connection pool."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     async def send(self, channel: str, recipient: str, subject: str,
                    payload: dict[str, Any]) -> None:
@@ -42,9 +53,10 @@ class Notifier:
             raise NotifyError(f"unknown channel {channel!r}")
 
     async def _webhook(self, url: str, payload: dict[str, Any]) -> None:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.settings.webhook_timeout_s)
         try:
-            async with httpx.AsyncClient(timeout=self.settings.webhook_timeout_s) as client:
-                response = await client.post(url, json=payload)
+            response = await self._http.post(url, json=payload)
         except httpx.HTTPError as exc:
             raise NotifyError(f"webhook {url}: {exc!r}") from exc
         if response.status_code >= 300:

@@ -35,6 +35,11 @@ def pk(row: Any) -> int:
 @pytest.fixture
 def make_site(db: Database) -> MakeSite:
     """Create an organisation with one site (zone, policy, units by device name)."""
+    return site_factory(db)
+
+
+def site_factory(db: Database) -> MakeSite:
+    """`make_site` on any database."""
 
     async def make(timezone: str = "UTC", policy: dict[str, object] | None = None,
                    units: tuple[str, ...] = (), series: str = "EMU-BS") -> SiteRef:

@@ -104,74 +104,82 @@ async def test_due_times_pause_warn_breach_escalate_once(
         await _contract(db, site, hooks)
         settings = SlaSettings(smtp=SmtpSettings(host="127.0.0.1", port=smtp.port))
         engine = SlaEngine(db, settings)
-        opened = local(case.tz, *case.opened)
-        async with db.session() as s:
-            t = await service.open_ticket(s, site_id=site.id, source=case.source, title=case.name,
-                                          fault_class=case.fault_class, now=opened)
-        tid = pk(t)
-        clocks = await _clocks(db, tid)
-        assert {k: c.due_at for k, c in clocks.items()} == {
-            k: local(case.tz, *v) for k, v in case.due.items()}
+        try:
+            await _run_case(db, engine, site, case, smtp, hooks)
+        finally:
+            await engine.close()
 
-        # Step through every timer due before the pause: none fires a second early, each
-        # fires at its instant, once.
-        last = max(clocks.values(), key=lambda c: c.target_s)
-        pause_at = local(case.tz, *case.warning[last.kind]) + timedelta(seconds=30)
-        schedule = []
-        for kind, clock in clocks.items():
-            cal = calendar_from_spec(clock.calendar)
-            schedule += [(local(case.tz, *case.warning[kind]), kind, "sla_warning"),
-                         (local(case.tz, *case.due[kind]), kind, "sla_breach"),
-                         (cal.add(opened, 1.5 * clock.target_s), kind, "sla_escalation")]
-        for when, kind, event in sorted(schedule):
-            if when >= pause_at:
-                continue
-            await engine.tick(when - timedelta(seconds=1))
-            assert (await _sla_events(db, tid))[(kind, event)] == 0, (kind, event)
-            await engine.tick(when)
-            await engine.tick(when)
-            assert (await _sla_events(db, tid))[(kind, event)] == 1, (kind, event)
-        clocks = await _clocks(db, tid)
-        assert {k: c.warned_at for k, c in clocks.items()} == {
-            k: local(case.tz, *v) for k, v in case.warning.items()}
 
-        # Pause for 3 hours: the last clock's breach moves by 3 hours of its calendar.
-        resume_at = pause_at + timedelta(hours=3)
-        cal = calendar_from_spec(last.calendar)
-        left = last.target_s - cal.between(opened, pause_at)
-        async with db.session() as s:
-            await service.pause_clocks(s, tid, "consent", now=pause_at)
-        assert (await engine.tick(resume_at)).fired == 0  # paused: nothing is due
-        async with db.session() as s:
-            await service.resume_clocks(s, tid, "consent", now=resume_at)
-        expected_breach = cal.add(resume_at, left)
-        assert (await _clocks(db, tid))[last.kind].due_at == expected_breach
-        assert (await engine.tick(expected_breach - timedelta(seconds=1))).fired == 0
-        await engine.tick(expected_breach)
-        await engine.tick(expected_breach)
-        assert (await _sla_events(db, tid))[(last.kind, "sla_breach")] == 1
-        assert (await _clocks(db, tid))[last.kind].breached_at == expected_breach
-        expected_escalation = cal.add(resume_at, left + 0.5 * last.target_s)
-        assert (await engine.tick(expected_escalation - timedelta(seconds=1))).fired == 0
-        assert (await engine.tick(expected_escalation)).fired == 1
+async def _run_case(db: Database, engine: SlaEngine, site: SiteRef, case: Case,
+                    smtp: SmtpSink, hooks: WebhookReceiver) -> None:
+    opened = local(case.tz, *case.opened)
+    async with db.session() as s:
+        t = await service.open_ticket(s, site_id=site.id, source=case.source, title=case.name,
+                                      fault_class=case.fault_class, now=opened)
+    tid = pk(t)
+    clocks = await _clocks(db, tid)
+    assert {k: c.due_at for k, c in clocks.items()} == {
+        k: local(case.tz, *v) for k, v in case.due.items()}
 
-        # Far beyond every target: each clock warned, breached, escalated exactly once.
-        far = opened + timedelta(days=120)
-        await engine.tick(far)
-        await engine.tick(far)
-        events = await _sla_events(db, tid)
-        assert events == Counter({(k, kind): 1 for k in case.due
-                                  for kind in ("sla_warning", "sla_breach", "sla_escalation")})
-        # Each event went to its level of the chain: one email and one webhook call.
-        async with db.session() as s:
-            pending = (await s.exec(select(SlaNotification).where(
-                SlaNotification.ticket_id == tid, SlaNotification.sent_at == None))).all()  # noqa: E711
-        assert pending == []
-        assert len(smtp.messages) == len(hooks.calls) == 3 * len(case.due)
-        levels = Counter(c["level"] for c in hooks.calls)
-        assert levels == {lvl: len(case.due) for lvl in ("engineer", "lead", "manager")}
-        assert sorted(m["To"] for m in smtp.messages) == sorted(
-            f"{c['level']}@vendor.example" for c in hooks.calls)
+    # Step through every timer due before the pause: none fires a second early, each
+    # fires at its instant, once.
+    last = max(clocks.values(), key=lambda c: c.target_s)
+    pause_at = local(case.tz, *case.warning[last.kind]) + timedelta(seconds=30)
+    schedule = []
+    for kind, clock in clocks.items():
+        cal = calendar_from_spec(clock.calendar)
+        schedule += [(local(case.tz, *case.warning[kind]), kind, "sla_warning"),
+                     (local(case.tz, *case.due[kind]), kind, "sla_breach"),
+                     (cal.add(opened, 1.5 * clock.target_s), kind, "sla_escalation")]
+    for when, kind, event in sorted(schedule):
+        if when >= pause_at:
+            continue
+        await engine.tick(when - timedelta(seconds=1))
+        assert (await _sla_events(db, tid))[(kind, event)] == 0, (kind, event)
+        await engine.tick(when)
+        await engine.tick(when)
+        assert (await _sla_events(db, tid))[(kind, event)] == 1, (kind, event)
+    clocks = await _clocks(db, tid)
+    assert {k: c.warned_at for k, c in clocks.items()} == {
+        k: local(case.tz, *v) for k, v in case.warning.items()}
+
+    # Pause for 3 hours: the last clock's breach moves by 3 hours of its calendar.
+    resume_at = pause_at + timedelta(hours=3)
+    cal = calendar_from_spec(last.calendar)
+    left = last.target_s - cal.between(opened, pause_at)
+    async with db.session() as s:
+        await service.pause_clocks(s, tid, "consent", now=pause_at)
+    assert (await engine.tick(resume_at)).fired == 0  # paused: nothing is due
+    async with db.session() as s:
+        await service.resume_clocks(s, tid, "consent", now=resume_at)
+    expected_breach = cal.add(resume_at, left)
+    assert (await _clocks(db, tid))[last.kind].due_at == expected_breach
+    assert (await engine.tick(expected_breach - timedelta(seconds=1))).fired == 0
+    await engine.tick(expected_breach)
+    await engine.tick(expected_breach)
+    assert (await _sla_events(db, tid))[(last.kind, "sla_breach")] == 1
+    assert (await _clocks(db, tid))[last.kind].breached_at == expected_breach
+    expected_escalation = cal.add(resume_at, left + 0.5 * last.target_s)
+    assert (await engine.tick(expected_escalation - timedelta(seconds=1))).fired == 0
+    assert (await engine.tick(expected_escalation)).fired == 1
+
+    # Far beyond every target: each clock warned, breached, escalated exactly once.
+    far = opened + timedelta(days=120)
+    await engine.tick(far)
+    await engine.tick(far)
+    events = await _sla_events(db, tid)
+    assert events == Counter({(k, kind): 1 for k in case.due
+                              for kind in ("sla_warning", "sla_breach", "sla_escalation")})
+    # Each event went to its level of the chain: one email and one webhook call.
+    async with db.session() as s:
+        pending = (await s.exec(select(SlaNotification).where(
+            SlaNotification.ticket_id == tid, SlaNotification.sent_at == None))).all()  # noqa: E711
+    assert pending == []
+    assert len(smtp.messages) == len(hooks.calls) == 3 * len(case.due)
+    levels = Counter(c["level"] for c in hooks.calls)
+    assert levels == {lvl: len(case.due) for lvl in ("engineer", "lead", "manager")}
+    assert sorted(m["To"] for m in smtp.messages) == sorted(
+        f"{c['level']}@vendor.example" for c in hooks.calls)
 
 
 async def test_met_clocks_never_fire_and_awaiting_release_does_not_breach(
