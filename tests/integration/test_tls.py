@@ -15,17 +15,14 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
 import sqlalchemy as sa
-from paho.mqtt.enums import CallbackAPIVersion
 
 from server.broker_auth import SERVER_USERNAME, PasswordEntry, hash_password, write_password_file
 from server.core.config import MqttSettings, ServerSettings
@@ -46,8 +43,8 @@ from tests.support import mosquitto
 from tests.support.database import fresh_database
 from tests.support.net import LOOPBACK
 from tests.support.process import read_until
-from tests.support.tls import CertFiles, TestCA
-from tests.support.waiting import wait_for, wait_until
+from tests.support.tls import TestCA, mqtt_verdict
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -148,48 +145,18 @@ async def test_agent_telemetry_reaches_the_server_over_mutual_tls(
     assert f"u'{site}'" in tls_broker.broker.log_text()  # logged in as its certificate's CN
 
 
-def _connack_outcome(url_port: int, ca: Path, cert: CertFiles | None) -> str:
-    """'connected', or how the broker turned the client away."""
-    outcome: list[str] = []
-    done = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"tls-{uuid.uuid4().hex[:8]}",
-                         protocol=mqtt.MQTTv5)
-    client.tls_set(ca_certs=str(ca), certfile=str(cert.cert) if cert else None,
-                   keyfile=str(cert.key) if cert else None)
-
-    def on_connect(*args: object) -> None:
-        outcome.append("connected" if not args[3].is_failure else f"refused {args[3]}")  # type: ignore[attr-defined]
-        done.set()
-
-    def on_gone(*_: object) -> None:
-        outcome.append("disconnected")
-        done.set()
-
-    client.on_connect = on_connect
-    client.on_disconnect = on_gone
-    client.on_connect_fail = on_gone
-    client.connect_async(LOOPBACK, url_port)
-    client.loop_start()
-    try:
-        wait_until(done, DEADLINE, "the broker's verdict on the client")
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return outcome[0]
-
-
 @pytest.mark.parametrize("who", ["no certificate", "another CA"])
 def test_clients_without_a_valid_certificate_are_refused(
     tls_broker: TlsBroker, tmp_path: Path, who: str
 ) -> None:
     cert = None if who == "no certificate" else TestCA(tmp_path, "rogue CA").client("site-a")
-    outcome = _connack_outcome(tls_broker.broker.port("8883"), tls_broker.ca.cert, cert)
+    outcome = mqtt_verdict(tls_broker.broker.port("8883"), tls_broker.ca.cert, cert)
     assert outcome != "connected", f"a client with {who} got in"
 
 
 def test_a_certificate_of_the_ca_is_let_in(tls_broker: TlsBroker) -> None:
     cert = tls_broker.ca.client("site-a")
-    assert _connack_outcome(tls_broker.broker.port("8883"), tls_broker.ca.cert, cert) \
+    assert mqtt_verdict(tls_broker.broker.port("8883"), tls_broker.ca.cert, cert) \
         == "connected"
 
 

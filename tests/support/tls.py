@@ -9,6 +9,8 @@ the broker user (Mosquitto's `use_identity_as_username`).
 from __future__ import annotations
 
 import ipaddress
+import threading
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,8 +19,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.support.net import LOOPBACK
+from tests.support.waiting import wait_until
 
 VALID = timedelta(days=1)
 
@@ -96,3 +103,39 @@ class TestCA:
         """A client certificate whose common name is `common_name` (the broker user)."""
         return self._issue(f"client-{common_name}", common_name,
                            ExtendedKeyUsageOID.CLIENT_AUTH)
+
+
+def mqtt_verdict(port: int, ca: Path, cert: CertFiles | None, timeout: float = 10.0) -> str:
+    """'connected', or how the broker on 127.0.0.1:`port` turned a TLS client away."""
+    outcome: list[str] = []
+    done = threading.Event()
+    client = Client(CallbackAPIVersion.VERSION2, client_id=f"tls-{uuid.uuid4().hex[:8]}",
+                    protocol=MQTTProtocolVersion.MQTTv5)
+    client.tls_set(ca_certs=str(ca), certfile=str(cert.cert) if cert else None,
+                   keyfile=str(cert.key) if cert else None)
+
+    def on_connect(_c: Client, _u: object, _f: ConnectFlags, reason: ReasonCode,
+                   _p: Properties | None) -> None:
+        outcome.append(f"refused {reason}" if reason.is_failure else "connected")
+        done.set()
+
+    def on_disconnect(_c: Client, _u: object, _f: DisconnectFlags, reason: ReasonCode,
+                      _p: Properties | None) -> None:
+        outcome.append(f"disconnected {reason}")
+        done.set()
+
+    def on_connect_fail(_c: Client, _u: object) -> None:
+        outcome.append("connection failed")
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_connect_fail = on_connect_fail
+    client.connect_async(LOOPBACK, port)
+    client.loop_start()
+    try:
+        wait_until(done, timeout, "the broker's verdict on the client")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return outcome[0]
