@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import engine_from_config, pool, text
 from sqlmodel import SQLModel
 
 import server.commissioning.models
 import server.models  # (registers the tables on SQLModel.metadata)
 import server.sla.models
 import server.tickets.models  # noqa: F401
+
+MIGRATION_LOCK = 0x454D55_0001
+"""pg_advisory_xact_lock key that serialises concurrent `emu server migrate` runs."""
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -32,6 +35,11 @@ def run_migrations_online() -> None:
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=True)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Several server processes may start (and migrate) at once: one migrates, the
+                # others wait here and then find the schema at head (DDL is transactional).
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": MIGRATION_LOCK})
             context.run_migrations()
 
 
