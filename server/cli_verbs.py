@@ -495,3 +495,6 @@ def register(app: typer.Typer) -> None:
     app.command("telemetry", no_args_is_help=True)(telemetry)
     app.add_typer(users_app, name="users")
     app.add_typer(tokens_app, name="tokens")
+    from server.commissioning.cli import app as commissioning_app
+
+    app.add_typer(commissioning_app, name="commissioning")

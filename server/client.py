@@ -105,6 +105,23 @@ class ApiClient:
         except ValueError as exc:
             raise ApiError(response.status_code, "the server's answer is not JSON") from exc
 
+    def download(self, path: str, **params: Any) -> bytes:
+        """GET a document (HTML, PDF) as bytes."""
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            response = self._http.get(path, params=query, headers={"Accept": "*/*"})
+        except httpx.TimeoutException as exc:
+            raise ServerUnreachable(f"{self.base_url} did not answer in time") from exc
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"cannot reach the server at {self.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, _detail(response))
+        return response.content
+
+    def patch(self, path: str, body: Any) -> Any:
+        """PATCH a JSON body."""
+        return self.request("PATCH", path, json=body)
+
     def get(self, path: str, **params: Any) -> Any:
         """GET with query parameters (None values are left out)."""
         return self.request("GET", path, params=params)
