@@ -13,7 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from emu.settings import FileSettings, MqttEndpoint, Section, load_settings
-from protocols.errors import TopicError
+from protocols.errors import SignatureError, TopicError
+from protocols.signing import load_public_key
 from protocols.topics import validate_site
 
 
@@ -90,6 +91,32 @@ class DeviceSettings(Section):
         return self
 
 
+class CommandSettings(Section):
+    """Who may give this agent orders: the server's command public keys (Ed25519).
+
+    `server_key` is written by `emu agent enrol`; `extra_server_keys` holds a second key
+    during a rotation. With no key at all, every command is refused.
+    """
+
+    server_key: str | None = None
+    extra_server_keys: tuple[str, ...] = ()
+
+    @field_validator("server_key", "extra_server_keys")
+    @classmethod
+    def _check_keys(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        for text in (value,) if isinstance(value, str) else value or ():
+            try:
+                load_public_key(text)
+            except SignatureError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @property
+    def trusted(self) -> tuple[str, ...]:
+        """Every key a command may be signed with."""
+        return ((self.server_key,) if self.server_key else ()) + self.extra_server_keys
+
+
 class LocalMqttSettings(MqttEndpoint):
     """The site-local broker that MQTT-native units publish to (plain MQTT on the LAN)."""
 
@@ -115,6 +142,7 @@ class AgentSettings(FileSettings):
     uplink: UplinkSettings = UplinkSettings()
     spool: SpoolSettings = SpoolSettings()
     local_mqtt: LocalMqttSettings = LocalMqttSettings()
+    commands: CommandSettings = CommandSettings()
     devices: tuple[DeviceSettings, ...] = ()
 
     @field_validator("site")

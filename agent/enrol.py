@@ -81,6 +81,7 @@ def _parse_answer(body: Any) -> EnrolledCredentials:
             password=str(body["broker_password"]),
             broker_url=None if body.get("broker_url") is None else str(body["broker_url"]),
             ca_pem=None if body.get("ca_pem") is None else str(body["ca_pem"]),
+            command_key=None if body.get("command_key") is None else str(body["command_key"]),
         )
     except KeyError as exc:
         raise EnrolmentError(f"the server's answer lacks {exc.args[0]!r}") from exc
@@ -203,7 +204,11 @@ def config_updates(creds: EnrolledCredentials, ca_file: Path | None) -> Updates:
         broker["url"] = creds.broker_url
     if ca_file is not None:
         broker["ca_file"] = str(ca_file)
-    return {None: {"site": creds.site, "agent_id": creds.agent_id}, "broker": broker}
+    updates: Updates = {None: {"site": creds.site, "agent_id": creds.agent_id},
+                        "broker": broker}
+    if creds.command_key is not None:
+        updates["commands"] = {"server_key": creds.command_key}
+    return updates
 
 
 def _read(path: Path) -> str:

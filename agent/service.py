@@ -17,6 +17,7 @@ from typing import Any
 
 from agent import __version__
 from agent.batcher import Batcher
+from agent.commands import CommandDispatcher
 from agent.config import AgentSettings, DeviceSettings
 from agent.coordinator import ModbusCoordinator
 from agent.devices.modbus import ModbusLink
@@ -43,6 +44,10 @@ class Agent:
                                clock=self.clock)
         self.uplink = Uplink(settings, self.spool, self.clock)
         self.batcher.on_batch = self.uplink.notify
+        self.commands = CommandDispatcher(settings.site, settings.agent,
+                                          settings.commands.trusted, self.spool,
+                                          self.uplink.notify, self.clock)
+        self.uplink.on_command = self.commands.submit
         self.coordinators: list[ModbusCoordinator] = []
         self.sources: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +106,7 @@ class Agent:
         for coord in self.coordinators:
             coord.stopping = True
         await _cancel_all([t for t in self._tasks if t.get_name() != "uplink"])
+        await self.commands.stop()
         await self.batcher.flush(force=True)
         await self.uplink.offline()
         await _cancel_all(self._tasks)
@@ -135,6 +141,7 @@ class Agent:
             "spool": {"batches": batches, "points": spooled, "age_s": round(age, 1),
                       "dropped_points": self.batcher.dropped_points},
             "uplink": dict(self.uplink.stats.__dict__),
+            "commands": {"running": len(self.commands.running), **self.commands.counts},
             "devices": devices,
         }
 

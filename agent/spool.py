@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seen_command (id TEXT PRIMARY KEY, expires REAL NOT NULL);
 """
 
 
@@ -196,6 +197,24 @@ class Spool:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise SpoolError(f"cannot forget acknowledged batches in {self.path}: {exc}") from exc
+
+    async def remember_command(self, command_id: str, expires: float, now: float) -> bool:
+        """Record a command as taken; False if it was taken before (a replay).
+
+        Kept in the spool's file so that a restart does not forget what was done; rows are
+        forgotten once the command has expired, since an expired command is refused anyway.
+        """
+        return await self._run(lambda: self._remember(command_id, expires, now))
+
+    def _remember(self, command_id: str, expires: float, now: float) -> bool:
+        db = self.db
+        try:
+            db.execute("DELETE FROM seen_command WHERE expires < ?", (now,))
+            cur = db.execute("INSERT OR IGNORE INTO seen_command (id, expires) VALUES (?, ?)",
+                             (command_id, expires))
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot record command {command_id} in {self.path}: {exc}") from exc
+        return cur.rowcount == 1
 
     async def depth(self) -> tuple[int, int, float | None]:
         """(batches, points, creation time of the oldest) waiting in the spool."""

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,11 @@ class Uplink:
         self.topics = {
             "telemetry": topic(settings.site, TopicKind.TELEMETRY),
             "events": topic(settings.site, TopicKind.EVENTS),
+            "ack": topic(settings.site, TopicKind.CMD_ACK),
         }
+        self.cmd_topic = topic(settings.site, TopicKind.CMD)
+        self.on_command: Callable[[bytes], None] | None = None
+        """Called on the event loop with each payload that arrives on `cmd`."""
         self.status_topic = topic(settings.site, TopicKind.STATUS)
 
     def notify(self) -> None:
@@ -146,7 +151,12 @@ class Uplink:
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
+        def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            if self.on_command is not None and msg.topic == self.cmd_topic:
+                loop.call_soon_threadsafe(self.on_command, bytes(msg.payload))
+
         client.on_publish = on_publish
+        client.on_message = on_message
         self._client = client
         try:
             client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive_s)
@@ -163,6 +173,8 @@ class Uplink:
             self.stats.connected = True
             self.backoff.reset()
             log.info("uplink: connected to %s", self.broker.url)
+            if self.on_command is not None:
+                client.subscribe(self.cmd_topic, qos=1)
             client.publish(self.status_topic, self._status(AgentState.ONLINE), qos=1, retain=True)
             await self._pump(client, gone, acks)
         finally:

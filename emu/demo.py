@@ -24,6 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from agent.config import (
     AgentSettings,
     BrokerSettings,
+    CommandSettings,
     DeviceSettings,
     SpoolSettings,
     UplinkSettings,
@@ -143,6 +144,7 @@ async def run_demo(
     db_url = f"sqlite+aiosqlite:///{data_dir / 'emu-demo.db'}"
     settings = ServerSettings(
         demo=True, database_url=db_url, secret_key=secrets.token_urlsafe(32),
+        data_dir=data_dir / "server",
         mqtt=MqttSettings(url=f"mqtt://{LOOPBACK}:{mqtt_port}", shared_group=None,
                           protocol="3.1.1"),
         http=HttpSettings(host=LOOPBACK, port=port),
@@ -157,9 +159,11 @@ async def run_demo(
         SimConfig(units=units_per_site * len(SITES), port=0)
     ) as sim:
         proc = ServerProcess(settings)
+        await proc.commands.load_key()
         server_stop = asyncio.Event()
         server = asyncio.create_task(proc.run(server_stop))
-        agents = [_agent(site, sim, i, units_per_site, mqtt_port, data_dir, poll_interval_s)
+        agents = [_agent(site, sim, i, units_per_site, mqtt_port, data_dir, poll_interval_s,
+                         proc.commands.public_key)
                   for i, site in enumerate(SITES)]
         try:
             await proc.started.wait()
@@ -179,7 +183,7 @@ async def run_demo(
 
 
 def _agent(site: DemoSite, sim: Simulator, index: int, per_site: int, mqtt_port: int,
-           data_dir: Path, poll_interval_s: float) -> Agent:
+           data_dir: Path, poll_interval_s: float, command_key: str) -> Agent:
     devices = []
     for n in range(index * per_site + 1, (index + 1) * per_site + 1):
         host, port, unit_id = sim.where(n)
@@ -194,6 +198,7 @@ def _agent(site: DemoSite, sim: Simulator, index: int, per_site: int, mqtt_port:
         broker=BrokerSettings(url=f"mqtt://{LOOPBACK}:{mqtt_port}", protocol="3.1.1"),
         uplink=UplinkSettings(health_interval_s=10.0),
         spool=SpoolSettings(path=Path("spool.db")),
+        commands=CommandSettings(server_key=command_key),
         devices=tuple(devices),
     )
     return Agent(settings)

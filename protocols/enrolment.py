@@ -18,3 +18,5 @@ class Credentials:
     password: str = field(repr=False)
     broker_url: str | None = None
     ca_pem: str | None = None
+    command_key: str | None = None
+    """The server's command public key (base64 Ed25519) the agent must trust."""

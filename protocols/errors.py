@@ -7,7 +7,8 @@
     ├── ProfileError          a device profile file is missing or invalid (names file and key)
     ├── MessageError          an MQTT payload does not match its schema
     ├── FirmwareImageError    a firmware image is truncated, foreign or malformed
-    └── TopicError            a topic is not one of ours
+    ├── TopicError            a topic is not one of ours
+    └── SignatureError        a key is unusable, or a signature does not verify
 """
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ class FirmwareImageError(ProtocolError):
 
 class TopicError(ProtocolError):
     """A topic string is not an `emu/v1/...` topic this project knows."""
+
+
+class SignatureError(ProtocolError):
+    """A signing key cannot be loaded, or a signature does not verify with any trusted key."""

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api import (
     agents,
+    commands,
     enrolment,
     events,
     faults,
@@ -32,6 +33,7 @@ from server.api import (
 )
 from server.api.errors import install_error_handlers
 from server.broker_auth import SERVER_USERNAME
+from server.commands.service import CommandService
 from server.commissioning import api as commissioning
 from server.core.config import ServerSettings
 from server.core.db import Database
@@ -49,7 +51,7 @@ def api_router() -> APIRouter:
     """Every resource's router under `/api/v1`."""
     router = APIRouter(prefix=API_PREFIX)
     modules = (organisations, sites, agents, enrolment, units, telemetry, faults, events, users,
-               commissioning)
+               commissioning, commands)
     for module in modules:
         router.include_router(module.router)
     return router
@@ -66,9 +68,14 @@ def enrolment_options(settings: ServerSettings) -> EnrolmentOptions:
 
 
 def create_app(
-    settings: ServerSettings, db: Database, *, clock: Callable[[], datetime] = utcnow
+    settings: ServerSettings, db: Database, *, clock: Callable[[], datetime] = utcnow,
+    command_service: CommandService | None = None,
 ) -> FastAPI:
-    """The API application over `db`; `clock` is injectable for expiry and default ranges."""
+    """The API application over `db`; `clock` is injectable for expiry and default ranges.
+
+    `command_service` is the process's command service (`ServerProcess` passes its own); without
+    one the app makes its own, which publishes on the configured broker.
+    """
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -87,6 +94,7 @@ def create_app(
     app.state.db = db
     app.state.clock = clock
     app.state.enrolment = enrolment_options(settings)
+    app.state.commands = command_service or CommandService(settings, db)
     install_error_handlers(app)
     app.include_router(api_router())
 

@@ -33,11 +33,16 @@ class ServerProcess:
         self.ingest: Any = None
         self.faults: Any = None
         self.sla: Any = None
+        from server.commands.service import CommandService
+
+        self.commands = CommandService(settings, self.db, clock=self.clock)
+        """Signed orders to agents; features subscribe to answers with `commands.on_ack`."""
 
     async def prepare(self) -> None:
         """Migrate (if configured); the API's lifespan creates the bootstrap admin."""
         if self.settings.migrate_on_start:
             await migrate(self.settings.database_url)
+        await self.commands.load_key()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Prepare, start every role, wait for `stop`, shut down."""
@@ -72,6 +77,7 @@ class ServerProcess:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.sla is not None:
                 await self.sla.close()
+            await self.commands.close()
             await self.db.close()
 
     def _tickets(self) -> None:
@@ -101,7 +107,9 @@ class ServerProcess:
         from server.ingest.worker import IngestWorker
 
         self.ingest = IngestWorker(self.settings, self.db, on_telemetry=self.faults.on_telemetry,
-                                   on_event=self.faults.on_event)
+                                   on_event=self.faults.on_event,
+                                   on_ack=self.commands.handle_ack,
+                                   on_online=self.commands.redeliver_site)
         await self.ingest.run()
 
     async def _scheduler(self) -> None:
@@ -118,6 +126,7 @@ class ServerProcess:
             try:
                 async with self.db.session() as session:
                     await self.faults.tick(session, self.clock.now())
+                await self.commands.tick(self.clock.now())
                 if loop.time() >= next_rollup:
                     await scheduler_jobs.run_rollups(self.db, self.clock.now())
                     await scheduler_jobs.run_retention(self.db, self.clock.now(), storage)
@@ -131,7 +140,7 @@ class ServerProcess:
 
         from server.app import create_app
 
-        app = create_app(self.settings, self.db)
+        app = create_app(self.settings, self.db, command_service=self.commands)
         http = self.settings.http
         config = uvicorn.Config(app, host=http.host, port=http.port, log_level="warning",
                                 lifespan="on", forwarded_allow_ips=http.forwarded_allow_ips,

@@ -52,3 +52,11 @@ def _collect_garbage() -> Iterator[None]:
     """Collect after each test, so that a leaked socket is blamed on the test that leaked it."""
     yield
     gc.collect()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers built without an explicit `data_dir` keep keys and files in a temporary folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMU_DATA_DIR", str(tmp_path_factory.mktemp("emu-data")))
+        yield

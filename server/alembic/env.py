@@ -6,10 +6,11 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool, text
 from sqlmodel import SQLModel
 
+import server.commands.models
 import server.commissioning.models
-import server.models  # (registers the tables on SQLModel.metadata)
+import server.models
 import server.sla.models
-import server.tickets.models  # noqa: F401
+import server.tickets.models  # noqa: F401  (each module registers its tables on SQLModel.metadata)
 
 MIGRATION_LOCK = 0x454D55_0001
 """pg_advisory_xact_lock key that serialises concurrent `emu server migrate` runs."""

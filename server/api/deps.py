@@ -19,6 +19,7 @@ from sqlmodel import SQLModel, col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
+from server.commands.service import CommandService
 from server.core.config import ServerSettings
 from server.core.db import Database
 from server.core.security import Caller, Role, Unauthorized, authenticate, visible_sites
@@ -151,3 +152,12 @@ async def get_visible(
     if row is None:
         raise NotFound(f"{model.__name__.lower()} {obj_id} not found")
     return row
+
+
+def get_commands(request: Request) -> CommandService:
+    """The process's command service (`app.state.commands`), for routes that order agents."""
+    commands: CommandService = request.app.state.commands
+    return commands
+
+
+CommandsDep = Annotated[CommandService, Depends(get_commands)]

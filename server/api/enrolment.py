@@ -90,6 +90,8 @@ class EnrolResponse(BaseModel):
     broker_password: str
     broker_url: str | None = None
     ca_pem: str | None = None
+    command_key: str | None = None
+    """The server's command public key (base64 Ed25519): the agent obeys only what it signed."""
 
 
 @router.post(
@@ -132,6 +134,7 @@ async def issue_enrolment(
     },
 )
 async def enrol(
+    request: Request,
     body: EnrolRequest,
     session: SessionDep,
     now: NowDep,
@@ -139,6 +142,11 @@ async def enrol(
     response: Response,
 ) -> EnrolResponse:
     """Exchange a one-time enrolment token for this agent's broker credentials."""
+    commands = getattr(request.app.state, "commands", None)
+    command_key = None
+    if commands is not None:
+        await commands.load_key()
+        command_key = commands.public_key
     creds = await redeem(session, body.token, body.agent_id, now=now, options=options)
     await session.commit()  # the token is spent before the password leaves the server
     response.headers.update(NO_STORE)
@@ -149,4 +157,5 @@ async def enrol(
         broker_password=creds.password,
         broker_url=creds.broker_url,
         ca_pem=creds.ca_pem,
+        command_key=command_key,
     )

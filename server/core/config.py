@@ -88,6 +88,16 @@ class EnrolmentSettings(Section):
     ca_file: Path | None = None
 
 
+class CommandSettings(Section):
+    """Signed orders to agents (`emu/v1/{site}/cmd`)."""
+
+    key_file: Path | None = Field(
+        default=None, description="Ed25519 PEM signing key; default <data_dir>/keys/command.pem, "
+        "created on first start")
+    ttl_s: float = Field(default=300.0, gt=0, le=7 * 86400, description="default validity")
+    redeliver_s: float = Field(default=30.0, gt=0, description="republish unanswered after")
+
+
 class ServerSettings(FileSettings):
     """Everything `emu server` needs."""
 
@@ -102,6 +112,8 @@ class ServerSettings(FileSettings):
         default=None, description="bootstrap token of the first admin (hashed on first start)"
     )
     demo: bool = False
+    data_dir: Path = Field(default=Path("emu-data"),
+                           description="keys, packages, documents and recordings")
     migrate_on_start: bool = True
     scheduler_tick_s: float = Field(default=5.0, gt=0, le=300)
     mqtt: MqttSettings = MqttSettings()
@@ -109,6 +121,7 @@ class ServerSettings(FileSettings):
     storage: StorageSettings = StorageSettings()
     enrolment: EnrolmentSettings = EnrolmentSettings()
     sla: SlaSettings = SlaSettings()
+    commands: CommandSettings = CommandSettings()
 
     @field_validator("database_url")
     @classmethod
@@ -127,6 +140,11 @@ class ServerSettings(FileSettings):
         if self.secret_key is not None and len(self.secret_key) < 16:
             raise ValueError("secret_key: use at least 16 characters")
         return self
+
+    @property
+    def command_key_path(self) -> Path:
+        """Where the command signing key lives."""
+        return self.commands.key_file or self.data_dir / "keys" / "command.pem"
 
     @property
     def is_sqlite(self) -> bool:

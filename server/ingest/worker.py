@@ -65,6 +65,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from protocols.clock import Clock, SystemClock
 from protocols.errors import MessageError, TopicError
 from protocols.messages import (
+    AgentState,
+    CommandAck,
     Event,
     EventBatch,
     Status,
@@ -95,7 +97,7 @@ from server.storage import (
 
 log = logging.getLogger(__name__)
 
-KINDS = (TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.STATUS)
+KINDS = (TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.STATUS, TopicKind.CMD_ACK)
 QUEUE_LIMIT = 1000
 """Most messages received and not yet acknowledged; past that, paho's thread waits."""
 GROUP_POINTS = 20_000
@@ -118,6 +120,8 @@ LOG_EVERY_S = 60.0
 
 TelemetryHook = Callable[[AsyncSession, Site, Unit, Sequence[TelemetryPoint]], Awaitable[None]]
 EventHook = Callable[[AsyncSession, Site, Unit | None, Event], Awaitable[None]]
+AckHook = Callable[[AsyncSession, Site, CommandAck], Awaitable[object]]
+OnlineHook = Callable[[int], Awaitable[None]]
 
 
 class _Transient(Exception):
@@ -142,7 +146,7 @@ class Parsed:
     incoming: Incoming
     site: Site
     kind: TopicKind
-    message: TelemetryBatch | EventBatch | Status
+    message: TelemetryBatch | EventBatch | Status | CommandAck
 
     @property
     def size(self) -> int:
@@ -275,6 +279,8 @@ class IngestWorker:
         on_telemetry: TelemetryHook | None = None,
         on_event: EventHook | None = None,
         *,
+        on_ack: AckHook | None = None,
+        on_online: OnlineHook | None = None,
         store: TelemetryStore | None = None,
         clock: Clock | None = None,
         queue_limit: int = QUEUE_LIMIT,
@@ -287,6 +293,10 @@ class IngestWorker:
         self.db = db
         self.on_telemetry = on_telemetry
         self.on_event = on_event
+        self.on_ack = on_ack
+        """Answers to commands (`cmd/ack`), applied in the transaction that stores the group."""
+        self.on_online = on_online
+        """Called with a site id after its agent said `online` (and that was committed)."""
         self.clock = clock or SystemClock()
         self.store = store or TelemetryStore(clock=self.clock)
         self.registry = self.store.registry
@@ -686,7 +696,7 @@ class IngestWorker:
                               "ingest: invalid %s from agent %s on %s: %s", stream, agent,
                               item.topic, exc)
             return None
-        assert isinstance(message, TelemetryBatch | EventBatch | Status)  # noqa: S101  (KINDS)
+        assert isinstance(message, TelemetryBatch | EventBatch | Status | CommandAck)  # noqa: S101
         site, owner = await self._lookup(code, message.agent)
         if site is None:
             self.stats.unknown_site += 1
@@ -790,6 +800,7 @@ class IngestWorker:
         """One transaction: telemetry of the group, then events and status, then the hooks."""
         outcomes: list[tuple[str, int, datetime | None]] = [("stored", 0, None)] * len(group)
         stored: list[StoredTelemetry | StoredEvents | None] = [None] * len(group)
+        online: list[int] = []
         async with self.db.session() as session:
             where: list[int] = []
             batches: list[tuple[Site, TelemetryBatch]] = []
@@ -817,9 +828,36 @@ class IngestWorker:
                     except IngestError as exc:
                         log.warning("ingest: status on %s refused: %s", p.incoming.topic, exc)
                         outcomes[i] = ("wrong_site", 0, None)
+                    else:
+                        if msg.state is AgentState.ONLINE and p.site.id is not None:
+                            online.append(p.site.id)
+                elif isinstance(msg, CommandAck):
+                    if self.on_ack is None:
+                        outcomes[i] = ("ignored", 0, None)
+                    else:
+                        outcomes[i] = await self._apply_ack(session, p, msg)
             if self.on_telemetry is not None or self.on_event is not None:
                 await self._hooks(session, group, stored)
+        if self.on_online is not None:
+            for site_id in dict.fromkeys(online):
+                await self.on_online(site_id)
         return outcomes
+
+    async def _apply_ack(self, session: AsyncSession, p: Parsed,
+                         ack: CommandAck) -> tuple[str, int, datetime | None]:
+        """An answer to a command, in its own savepoint: a failing callback loses nothing else."""
+        assert self.on_ack is not None  # noqa: S101  (checked by the caller)
+        try:
+            async with session.begin_nested():
+                await self.on_ack(session, p.site, ack)
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            self.stats.hook_errors += 1
+            log.exception("ingest: the answer to command %s from %s could not be applied",
+                          ack.command_id, p.site.code)
+            return ("error", 0, None)
+        return ("stored", 0, None)
 
     async def _hooks(self, session: AsyncSession, group: list[Parsed],
                      stored: Sequence[StoredTelemetry | StoredEvents | None]) -> None:

@@ -23,6 +23,7 @@ BAD_CODES = ["%00", "-dash-first", "x" * 65, "sp%20ace"]
 MISSING_ID = 2_000_000_000
 """A well-formed id that names nothing."""
 MISSING_CODE = "no-such-site-0000"
+MISSING_UUID = "00000000-0000-4000-8000-000000000000"
 
 
 @pytest.fixture
@@ -90,11 +91,12 @@ async def test_bad_path_ids_are_422_and_missing_ids_404(world: World) -> None:
             for param in params:
                 name = param["name"]
                 numeric = any(k.get("type") == "integer" for k in kinds(param["schema"]))
+                uuid_like = any(k.get("format") == "uuid" for k in kinds(param["schema"]))
                 for bad in BAD_IDS if numeric else BAD_CODES:
                     url = fill(path, operation, {**valid, name: bad})
                     response = await client.request(method.upper(), url, params=query, json=body)
                     assert_client_error(response, f"{method.upper()} {url}")
-                missing = MISSING_ID if numeric else MISSING_CODE
+                missing = MISSING_ID if numeric else MISSING_UUID if uuid_like else MISSING_CODE
                 url = fill(path, operation, {**valid, name: missing})
                 response = await client.request(method.upper(), url, params=query, json=body)
                 assert_client_error(response, f"{method.upper()} {url}", exact=404)

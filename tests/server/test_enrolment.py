@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import stat
 import tomllib
 import uuid
@@ -34,6 +35,7 @@ from agent.enrol import (
     update_toml,
 )
 from protocols.clock import ManualClock
+from protocols.signing import generate_private_key
 from server.api.enrolment import router
 from server.api.errors import install_error_handlers
 from server.broker_auth import (
@@ -49,6 +51,8 @@ from server.broker_auth import (
     verify_password,
     write_password_file,
 )
+from server.commands.service import CommandService
+from server.core.config import ServerSettings
 from server.core.db import Database
 from server.core.security import Unauthorized, hash_token, new_token
 from server.enrolment import EnrolmentOptions, create_enrolment, redeem
@@ -109,6 +113,9 @@ async def env(db: Database) -> AsyncIterator[Env]:
     app.state.db = db
     app.state.clock = clock.now
     app.state.enrolment = EnrolmentOptions(broker_url="mqtts://mqtt.test:8883", ca_pem=CA_PEM)
+    app.state.commands = CommandService(
+        ServerSettings(database_url=db.url, secret_key=secrets.token_hex(16)), db,
+        key=generate_private_key())
     install_error_handlers(app)
     app.include_router(router, prefix="/api/v1")
     async with db.session() as s:
@@ -159,6 +166,7 @@ async def test_token_gives_site_credentials_once(env: Env) -> None:
     assert body["broker_username"] == env.site  # the site code: what the ACL's %u matches
     assert body["broker_url"] == "mqtts://mqtt.test:8883"
     assert body["ca_pem"] == CA_PEM
+    assert body["command_key"] == env.app.state.commands.public_key  # what agents must trust
     password = body["broker_password"]
     assert len(password) >= 40
 
@@ -401,6 +409,7 @@ async def test_agent_writes_credentials_into_its_config(env: Env, tmp_path: Path
     assert settings.site == env.site
     assert settings.broker.username == env.site
     assert settings.broker.password == creds.password
+    assert settings.commands.trusted == (env.app.state.commands.public_key,)
     agent = await _agent(env.db, env.site)
     assert agent.mqtt_password_hash is not None
     assert verify_password(creds.password, agent.mqtt_password_hash)
@@ -416,6 +425,7 @@ async def test_agent_creates_a_missing_config(env: Env, tmp_path: Path) -> None:
         "site": env.site,
         "agent_id": env.site,
         "broker": {"username": env.site, "password": creds.password},
+        "commands": {"server_key": env.app.state.commands.public_key},
     }
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
 
