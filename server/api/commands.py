@@ -7,13 +7,14 @@ read-only view is for following one up ("did the agent get it, what did it say")
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 from sqlmodel import col, select
 
+from protocols.messages import CommandKind
 from server.api.deps import PageDep, SessionDep, StaffUser, paginate
 from server.commands.models import CommandRecord
 from server.errors import NotFound
@@ -21,6 +22,7 @@ from server.models import Site
 from server.schemas import Page, SiteCode
 
 router = APIRouter(prefix="/commands", tags=["commands"])
+CommandState = Literal["pending", "sent", "progress", "ok", "error", "rejected", "expired"]
 
 
 class CommandPublic(BaseModel):
@@ -42,14 +44,14 @@ class CommandPublic(BaseModel):
 
 @router.get("", response_model=Page[CommandPublic])
 async def list_commands(session: SessionDep, _user: StaffUser, page: PageDep,
-                        site: SiteCode | None = None, kind: str | None = None,
-                        state: str | None = None) -> Page[CommandRecord]:
+                        site: SiteCode | None = None, kind: CommandKind | None = None,
+                        state: CommandState | None = None) -> Page[CommandRecord]:
     """Commands, newest first, filtered by site code, kind and state."""
     stmt = select(CommandRecord)
     if site is not None:
         stmt = stmt.join(Site, col(Site.id) == col(CommandRecord.site_id)).where(Site.code == site)
     if kind is not None:
-        stmt = stmt.where(CommandRecord.kind == kind)
+        stmt = stmt.where(CommandRecord.kind == kind.value)
     if state is not None:
         stmt = stmt.where(CommandRecord.state == state)
     rows, total = await paginate(session, stmt, page, col(CommandRecord.issued_at).desc())

@@ -62,6 +62,8 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("get", "/api/v1/users/{user_id}/tokens"): "admin",
     ("post", "/api/v1/users/{user_id}/tokens"): "admin",
     ("delete", "/api/v1/users/{user_id}/tokens/{token_id}"): "admin",
+    ("get", "/api/v1/commands"): "admin",  # staff only: customers are refused
+    ("get", "/api/v1/commands/{command_id}"): "admin",
 }
 
 REQUIRED_QUERY = {"point": POINT}
@@ -80,6 +82,7 @@ def path_values(org: OrgWorld) -> dict[str, int | str]:
         "code": org.site_code, "org_id": org.org_id, "site_id": org.site_id,
         "agent_id": org.agent_id, "unit_id": org.unit_id, "fault_id": org.fault_ids[0],
         "event_id": org.event_id, "user_id": org.user_id, "token_id": org.token_id,
+        "command_id": "00000000-0000-4000-8000-000000000001",
     }
 
 
