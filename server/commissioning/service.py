@@ -205,8 +205,9 @@ async def issue_plan(session: AsyncSession, plan_id: int, *, actor: str | None, 
     plan.issued_at, plan.issued_by, plan.updated_at = now, actor, now
     session.add(plan)
     context = await plan_context(session, plan)
-    return await _store(session, plan, "plan", "commissioning_plan", context, context["plan"],
-                        now)
+    doc = await _store(session, plan, "plan", "commissioning_plan", context, context["plan"], now)
+    await _note_ticket(session, plan, f"issued (version {plan.version})", actor, now)
+    return doc
 
 
 async def acknowledge_plan(session: AsyncSession, plan_id: int, *, actor: str, now: datetime
@@ -219,6 +220,7 @@ async def acknowledge_plan(session: AsyncSession, plan_id: int, *, actor: str, n
     plan.acknowledged_at, plan.acknowledged_by, plan.updated_at = now, actor, now
     session.add(plan)
     await session.flush()
+    await _note_ticket(session, plan, "acknowledged by the customer", actor, now)
     return plan
 
 
@@ -235,12 +237,21 @@ async def transition(session: AsyncSession, plan_id: int, target: str, *, actor:
     plan.updated_at = now
     session.add(plan)
     await session.flush()
-    if plan.ticket_id is not None:
-        from server.tickets import service as tickets
-        await tickets.record(session, plan.ticket_id, "commissioning",
-                             f"commissioning plan {plan.id} {target}", actor=actor,
-                             detail={"plan_id": plan.id, "state": target}, now=now)
+    await _note_ticket(session, plan, target, actor, now)
     return plan
+
+
+async def _note_ticket(session: AsyncSession, plan: CommissioningPlan, what: str,
+                       actor: str | None, now: datetime) -> None:
+    """Write the plan's move on its ticket's timeline, if it has a ticket."""
+    if plan.ticket_id is None:
+        return
+    from server.tickets import service as tickets
+
+    await tickets.record(session, plan.ticket_id, "commissioning",
+                         f"commissioning plan CP-{_pk(plan.id):04d} {what}", actor=actor,
+                         detail={"plan_id": plan.id, "state": plan.state, "move": what,
+                                 "version": plan.version}, now=now)
 
 
 def check_request(plan: CommissioningPlan, run_id: int | None = None) -> CheckRequest:

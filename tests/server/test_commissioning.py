@@ -248,3 +248,29 @@ async def test_plan_document_versions_scoping_and_roles(
     assert "EMU-XX" in refused.json()["detail"]
     no_channel = await staff.post(f"{API}/plans/{plan_id}/runs")
     assert no_channel.status_code == 409
+
+
+async def test_plan_with_a_ticket_is_linked_and_noted_on_its_timeline(
+    world: World, db: Database, staff: httpx.AsyncClient, customer: httpx.AsyncClient
+) -> None:
+    from server.tickets import service as tickets
+    from server.tickets.models import TicketEvent, TicketLink
+
+    async with db.session() as session:
+        ticket = await tickets.open_ticket(session, site_id=world.own.site_id, source="portal",
+                                           title="Commission the new storage", now=world.clock())
+    async with site(units=3) as sim:
+        body = plan_body(world, sim, [1], [2]) | {"ticket_id": ticket.id}
+    plan_id = await ready_plan(world, staff, customer, body)
+    async with db.session() as session:
+        links = (await session.exec(select(TicketLink).where(
+            TicketLink.ticket_id == ticket.id))).all()
+        events = (await session.exec(select(TicketEvent).where(
+            TicketEvent.ticket_id == ticket.id, TicketEvent.kind == "commissioning"))).all()
+    assert [(link.kind, link.ref) for link in links] == [("commissioning", str(plan_id))]
+    assert [e.detail["move"] for e in events] == [
+        "issued (version 1)", "acknowledged by the customer", "scheduled"]
+    elsewhere = body | {"site_id": world.other.site_id}
+    refused = await staff.post(f"{API}/plans", json=elsewhere)
+    assert refused.status_code == 422
+    assert "is not of site" in refused.json()["detail"]
