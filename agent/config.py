@@ -128,6 +128,39 @@ class LocalMqttSettings(MqttEndpoint):
         return value
 
 
+class SessionSettings(Section):
+    """Remote sessions: the SSH gateway (address and host key pinned at enrolment), the shell.
+
+    The agent dials the gateway outbound and listens on no port. The shell an engineer gets is
+    `shell` (a restricted shell by default; point it at `sudo -u <account> rbash` or similar
+    to run it as a dedicated account); `max_duration_s` caps any session on the agent's side.
+    """
+
+    gateway: str | None = Field(default=None, description="host:port of the SSH gateway")
+    gateway_host_key: str | None = Field(default=None, description="pinned OpenSSH host key")
+    key_file: Path = Path("emu-agent-ssh-key")
+    shell: tuple[str, ...] = ("/bin/rbash", "--noprofile", "--norc")
+    max_duration_s: int = Field(default=8 * 3600, gt=0)
+    check_interval_s: float = Field(default=0.25, gt=0, le=10)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("gateway")
+    @classmethod
+    def _check_gateway(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("use host:port")
+        return value
+
+    @field_validator("shell")
+    @classmethod
+    def _check_shell(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name the shell program")
+        return value
+
+
 class AgentSettings(FileSettings):
     """Everything `emu agent` needs."""
 
@@ -143,6 +176,7 @@ class AgentSettings(FileSettings):
     spool: SpoolSettings = SpoolSettings()
     local_mqtt: LocalMqttSettings = LocalMqttSettings()
     commands: CommandSettings = CommandSettings()
+    sessions: SessionSettings = SessionSettings()
     devices: tuple[DeviceSettings, ...] = ()
 
     @field_validator("site")
@@ -165,6 +199,10 @@ class AgentSettings(FileSettings):
     def agent(self) -> str:
         """The agent's id in every message (defaults to the site id)."""
         return self.agent_id or self.site
+
+    def state_path(self, path: Path) -> Path:
+        """`path`, relative paths under `state_dir`."""
+        return path if path.is_absolute() else self.state_dir / path
 
     @property
     def spool_path(self) -> Path:

@@ -9,6 +9,7 @@ from sqlmodel import SQLModel
 import server.commands.models
 import server.commissioning.models
 import server.models
+import server.sessions.models
 import server.sla.models
 import server.tickets.models  # noqa: F401  (each module registers its tables on SQLModel.metadata)
 

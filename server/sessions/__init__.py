@@ -1,0 +1,1 @@
+"""Remote sessions (service terms, clause 1): consent, the SSH gateway, recording and audit."""

@@ -1,0 +1,78 @@
+"""How the server tells a site's agent to open or close a session (or run a diagnostic).
+
+`AgentLink` is the seam: in production `CommandLink` sends signed `session.open`,
+`session.close` and `diagnostic` commands through the command channel; tests may plug in a
+link that calls an in-process agent directly. Either way the order leaves only after the
+transaction that decided it has committed (`after_commit`), so the agent never dials for a
+session the gateway cannot see yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from sqlalchemy import event
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from protocols.sessions import Grant
+
+log = logging.getLogger(__name__)
+
+_pending: set[asyncio.Task[Any]] = set()
+
+
+def after_commit(s: AsyncSession, action: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    """Run `action()` in a task once `s` commits (never if it rolls back)."""
+
+    def run(_session: Any) -> None:
+        task = asyncio.get_running_loop().create_task(action())
+        _pending.add(task)
+        task.add_done_callback(_finished)
+
+    event.listen(s.sync_session, "after_commit", run, once=True)
+
+
+def _finished(task: asyncio.Task[Any]) -> None:
+    _pending.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("sessions: telling the agent failed: %s", exc, exc_info=exc)
+
+
+class AgentLink(Protocol):
+    """Orders to a site's agent about sessions."""
+
+    async def open(self, s: AsyncSession, site: str, grant: Grant,
+                   info: dict[str, Any]) -> str | None:
+        """Send `session.open`; returns the command id if there is one."""
+
+    async def close(self, s: AsyncSession, site: str, session: str, reason: str) -> None:
+        """Send `session.close`."""
+
+    async def diagnostic(self, s: AsyncSession, site: str, session: str,
+                         action: dict[str, Any]) -> str | None:
+        """Send a `diagnostic` command; its result comes back as an ack."""
+
+
+class NoLink:
+    """No way to reach agents (the API runs without a command channel): orders are logged."""
+
+    async def open(self, s: AsyncSession, site: str, grant: Grant,
+                   info: dict[str, Any]) -> str | None:
+        """Log only."""
+        log.warning("sessions: no command channel; agent of %s not told to open %s", site,
+                    grant.session)
+        return None
+
+    async def close(self, s: AsyncSession, site: str, session: str, reason: str) -> None:
+        """Log only."""
+        log.warning("sessions: no command channel; agent of %s not told to close %s", site,
+                    session)
+
+    async def diagnostic(self, s: AsyncSession, site: str, session: str,
+                         action: dict[str, Any]) -> str | None:
+        """Log only."""
+        log.warning("sessions: no command channel; diagnostic for %s not sent", session)
+        return None
