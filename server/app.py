@@ -26,8 +26,11 @@ from server.api import (
     events,
     faults,
     organisations,
+    parts,
     sites,
+    sla,
     telemetry,
+    tickets,
     units,
     users,
 )
@@ -40,6 +43,7 @@ from server.core.db import Database
 from server.core.security import ensure_admin
 from server.enrolment import EnrolmentOptions
 from server.models import utcnow
+from server.sla import clocks as sla_clocks
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ def api_router() -> APIRouter:
     """Every resource's router under `/api/v1`."""
     router = APIRouter(prefix=API_PREFIX)
     modules = (organisations, sites, agents, enrolment, units, telemetry, faults, events, users,
-               commissioning, commands)
+               commissioning, commands, tickets, parts, sla)
     for module in modules:
         router.include_router(module.router)
     return router
@@ -91,6 +95,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    sla_clocks.configure(settings.sla.terms)
     app.state.db = db
     app.state.clock = clock
     app.state.enrolment = enrolment_options(settings)

@@ -37,6 +37,11 @@ def configure(server_terms: Mapping[str, Any] | None) -> None:
     _server_terms.update(server_terms or {})
 
 
+def server_terms() -> dict[str, Any]:
+    """The server settings' `[sla]` terms layer (a copy)."""
+    return dict(_server_terms)
+
+
 async def terms_for(session: AsyncSession, site: Site) -> SlaTerms:
     """Defaults, server overrides, the organisation's contract, the site's `policy["sla"]`."""
     contract = (await session.exec(

@@ -33,13 +33,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from protocols.clock import Clock, SystemClock
 from server.core.db import Database
-from server.models import Site, User
 from server.sla import clocks
 from server.sla.config import SlaSettings
 from server.sla.errors import NotifyError
 from server.sla.models import SlaClock, SlaNotification, SlaTimer
 from server.sla.notify import Notifier, Sender
-from server.sla.policy import Contact
+from server.sla.outbox import notify_chain
 from server.tickets.models import Ticket, TicketEvent
 
 log = logging.getLogger(__name__)
@@ -139,39 +138,11 @@ class SlaEngine:
                                 text=text, detail={"clock": clock.kind, "due_at": due.isoformat(),
                                                    "detected_at": now.isoformat(),
                                                    "cause": cause}))
-        await self._enqueue(session, ticket, clock, timer, text, due, now)
+        await notify_chain(session, ticket, level=LEVEL_OF[timer.kind], event=EVENT_OF[timer.kind],
+                           text=text, now=now, timer_id=timer.id,
+                           extra={"clock": clock.kind, "due_at": due.isoformat()})
         log.info("%s", text)
         return True
-
-    async def _enqueue(self, session: AsyncSession, ticket: Ticket, clock: SlaClock,
-                       timer: SlaTimer, text: str, due: datetime, now: datetime) -> None:
-        site = await session.get(Site, ticket.site_id)
-        if site is None:
-            return
-        terms = await clocks.terms_for(session, site)
-        level = LEVEL_OF[timer.kind]
-        contacts = [c for c in terms.chain if c.level == level]
-        if level == "engineer" and ticket.assignee:
-            user = (await session.exec(select(User).where(User.name == ticket.assignee))).first()
-            if user is not None and user.email:
-                contacts.append(Contact(level="engineer", name=user.name, email=user.email))
-        payload: dict[str, Any] = {
-            "event": EVENT_OF[timer.kind], "ticket": ticket.id, "site": site.code,
-            "class": ticket.fault_class, "clock": clock.kind, "due_at": due.isoformat(),
-            "level": level, "title": ticket.title, "text": text,
-        }
-        subject = f"[EMU SLA] {EVENT_OF[timer.kind].replace('_', ' ')}: ticket {ticket.id} " \
-                  f"{ticket.title}"[:300]
-        seen: set[tuple[str, str]] = set()
-        for contact in contacts:
-            for channel, to in (("email", contact.email), ("webhook", contact.webhook)):
-                if to and (channel, to) not in seen:
-                    seen.add((channel, to))
-                    session.add(SlaNotification(
-                        ticket_id=clock.ticket_id, timer_id=timer.id, channel=channel,
-                        recipient=to, level=level, subject=subject,
-                        payload={**payload, "to": contact.name or to},
-                        created_at=now, next_try_at=now))
 
     # -- outbox ------------------------------------------------------------------------------
     async def send_due(self, now: datetime) -> tuple[int, int]:

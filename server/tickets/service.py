@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -306,7 +307,8 @@ async def release_installed(
     fixes: Iterable[str | int],
     now: datetime,
 ) -> list[int]:
-    """A release is installed at a site: close its open C/D tickets that the release fixes.
+    """A release is installed at a site: close its open C/D tickets (and upgrade requests)
+    that the release fixes.
 
     `fixes` holds ticket ids (`123` or `"#123"`) and fault codes; a ticket qualifies when its
     id is named, or a fault linked to it has a named code, or it has a release link whose ref
@@ -316,8 +318,9 @@ async def release_installed(
     ids, codes = _fix_refs(fixes)
     refs = {version, f"{series}/{version}"}
     candidates = (await session.exec(
-        select(Ticket).where(Ticket.site_id == site_id, col(Ticket.fault_class).in_(("C", "D")),
-                             col(Ticket.state).in_(st.OPEN_STATES))
+        select(Ticket).where(Ticket.site_id == site_id, col(Ticket.state).in_(st.OPEN_STATES),
+                             sa.or_(col(Ticket.fault_class).in_(("C", "D")),
+                                    col(Ticket.source) == "upgrade_request"))
     )).all()
     closed: list[int] = []
     for ticket in candidates:

@@ -1,0 +1,60 @@
+"""`/api/v1/parts`: the spare-parts catalogue per series and stock per depot."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from sqlmodel import col, select
+
+from server.api.deps import AdminUser, SessionDep, StaffUser
+from server.tickets import parts
+from server.tickets.models import Part, PartStock
+from server.tickets.schemas import PartCreate, PartPublic, StockSet
+from server.tickets.service import require_id
+
+router = APIRouter(prefix="/parts", tags=["parts"])
+
+PartNo = Annotated[str, Path(min_length=1, max_length=64)]
+Depot = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+async def _public(session: SessionDep, rows: list[Part]) -> list[PartPublic]:
+    ids = [p.id for p in rows]
+    stock: dict[int, dict[str, int]] = defaultdict(dict)
+    if ids:
+        for s in (await session.exec(select(PartStock).where(col(PartStock.part_id).in_(ids))
+                                     .order_by(col(PartStock.depot)))).all():
+            stock[s.part_id][s.depot] = s.quantity
+    return [PartPublic(id=require_id(p.id), part_no=p.part_no, series=p.series,
+                       name=p.name, stock=stock[require_id(p.id)]) for p in rows]
+
+
+@router.get("", response_model=list[PartPublic])
+async def list_parts(session: SessionDep, _user: StaffUser,
+                     series: Annotated[str | None, Query(max_length=32)] = None
+                     ) -> list[PartPublic]:
+    """The catalogue (of one series) with stock per depot."""
+    stmt = select(Part).order_by(col(Part.series), col(Part.part_no))
+    if series is not None:
+        stmt = stmt.where(Part.series == series)
+    return await _public(session, list((await session.exec(stmt)).all()))
+
+
+@router.post("", response_model=PartPublic, status_code=201)
+async def create_part(session: SessionDep, _admin: AdminUser, body: PartCreate) -> PartPublic:
+    """Add a part to a series' catalogue (admin)."""
+    part = await parts.add_part(session, part_no=body.part_no, series=body.series,
+                                name=body.name)
+    await session.commit()
+    return (await _public(session, [part]))[0]
+
+
+@router.put("/{part_no}/stock/{depot}", response_model=PartPublic)
+async def set_stock(session: SessionDep, _admin: AdminUser, part_no: PartNo, depot: Depot,
+                    body: StockSet) -> PartPublic:
+    """Record a stock count at a depot (admin)."""
+    await parts.set_stock(session, part_no=part_no, depot=depot, quantity=body.quantity)
+    await session.commit()
+    return (await _public(session, [await parts.get_part(session, part_no)]))[0]

@@ -1,0 +1,63 @@
+"""`/api/v1/sla`: the monthly SLA report (JSON or CSV) and organisations' contract terms."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
+from sqlmodel import select
+
+from server.api.deps import AdminUser, CurrentUser, IdPath, NowDep, SessionDep, StaffUser
+from server.core.security import STAFF
+from server.errors import NotFound
+from server.models import Organisation
+from server.sla.clocks import server_terms
+from server.sla.models import SlaContract
+from server.sla.policy import resolve_terms
+from server.sla.report import report_csv, sla_report
+from server.tickets.schemas import ContractTerms
+
+router = APIRouter(prefix="/sla", tags=["sla"])
+
+Month = Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")]
+
+
+@router.get("/report", response_model=None)
+async def report(session: SessionDep, user: CurrentUser, month: Month,
+                 org_id: Annotated[int | None, Query(ge=1)] = None,
+                 format: Literal["json", "csv"] = "json",
+                 ) -> dict[str, Any] | PlainTextResponse:
+    """Compliance per class and customer, MTTA, MTTR and breaches of `month` (customers:
+    their own organisation only)."""
+    if user.role not in STAFF:
+        org_id = user.org_id if user.org_id is not None else -1
+    result = await sla_report(session, month, org_id=org_id)
+    if format == "csv":
+        return PlainTextResponse(report_csv(result), media_type="text/csv")
+    return result.as_dict()
+
+
+@router.get("/contracts/{org_id}", response_model=ContractTerms)
+async def get_contract(session: SessionDep, _user: StaffUser, org_id: IdPath) -> ContractTerms:
+    """The organisation's own terms (empty: the defaults apply)."""
+    row = (await session.exec(select(SlaContract).where(SlaContract.org_id == org_id))).first()
+    return ContractTerms(terms=row.terms if row else {})
+
+
+@router.put("/contracts/{org_id}", response_model=ContractTerms)
+async def put_contract(session: SessionDep, _admin: AdminUser, now: NowDep, org_id: IdPath,
+                       body: ContractTerms) -> ContractTerms:
+    """Set the organisation's terms (validated; new clocks follow them, running ones keep
+    the terms they started with)."""
+    if await session.get(Organisation, org_id) is None:
+        raise NotFound(f"organisation {org_id} not found")
+    resolve_terms(server_terms(), body.terms)
+    row = (await session.exec(select(SlaContract).where(SlaContract.org_id == org_id))).first()
+    if row is None:
+        row = SlaContract(org_id=org_id, terms=body.terms, updated_at=now)
+    else:
+        row.terms, row.updated_at = body.terms, now
+    session.add(row)
+    await session.commit()
+    return ContractTerms(terms=row.terms)
