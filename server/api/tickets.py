@@ -146,6 +146,8 @@ async def comment(session: SessionDep, user: CurrentUser, now: NowDep, ticket_id
                   body: CommentCreate) -> TicketEvent:
     """Add a comment to the timeline (customers on their own tickets too)."""
     await _visible(session, user, ticket_id)
+    if not body.text.strip():
+        raise InvalidInput("a comment needs text")
     event = await service.record(session, ticket_id, "comment", body.text, actor=user.name,
                                  now=now)
     await session.commit()

@@ -129,7 +129,7 @@ class CommentCreate(BaseModel):
 
     model_config = _STRICT
 
-    text: str = Field(min_length=1, max_length=20000)
+    text: str = Field(default="", max_length=20000)
 
 
 class TransitionRequest(BaseModel):

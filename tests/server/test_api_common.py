@@ -38,6 +38,7 @@ from server.models import (
     Unit,
     User,
 )
+from server.tickets import service as tickets
 from tests.support.net import free_tcp_port
 
 NOW = datetime(2031, 3, 14, 12, 0, tzinfo=UTC)
@@ -77,6 +78,8 @@ class OrgWorld:
     user_id: int
     token: str
     token_id: int
+    ticket_id: int = 0
+    link_id: int = 0
 
 
 @dataclass
@@ -167,10 +170,16 @@ async def _seed_org(session: AsyncSession, label: str) -> OrgWorld:
     session.add_all([*faults, event])
     await session.flush()
     user_id, token, token_id = await add_user(session, f"cust-{marker}", "customer", org.id)
+    ticket = await tickets.open_ticket(session, site_id=site.id, source="portal",
+                                       title=f"ticket {marker}", fault_class="B",
+                                       now=NOW - timedelta(minutes=15))
+    link = await tickets.link(session, tickets.require_id(ticket.id), "release",
+                              f"EMU-BS/{marker}", now=NOW - timedelta(minutes=14))
     return OrgWorld(
         marker=marker, org_id=org.id, site_id=site.id, site_code=site.code, agent_id=agent.id,
         unit_id=unit.id, series_id=series.id, fault_ids=[f.id for f in faults if f.id],
         event_id=event.id or 0, user_id=user_id, token=token, token_id=token_id,
+        ticket_id=tickets.require_id(ticket.id), link_id=tickets.require_id(link.id),
     )
 
 

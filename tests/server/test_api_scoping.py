@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from server.core.db import Database
-from tests.server.test_api_common import POINT, OrgWorld, World, client_for, seed_world
+from tests.server.test_api_common import NOW, POINT, OrgWorld, World, client_for, seed_world
 
 Access = Literal["scoped", "admin", "self", "public"]
 
@@ -64,9 +64,32 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("delete", "/api/v1/users/{user_id}/tokens/{token_id}"): "admin",
     ("get", "/api/v1/commands"): "admin",  # staff only: customers are refused
     ("get", "/api/v1/commands/{command_id}"): "admin",
+    ("get", "/api/v1/tickets"): "scoped",
+    # the body names the site; a customer opening one on another's site is refused with 404
+    # (tests/server/tickets/test_api_tickets.py), an empty body here is just a 422
+    ("post", "/api/v1/tickets"): "public",
+    ("get", "/api/v1/tickets/{ticket_id}"): "scoped",
+    ("post", "/api/v1/tickets/{ticket_id}/comments"): "scoped",
+    ("post", "/api/v1/tickets/{ticket_id}/assign"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/breach-cause"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/class"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/diagnosis"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/links"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/links/{link_id}/installed"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/parts"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/pause"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/phone"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/resume"): "admin",
+    ("post", "/api/v1/tickets/{ticket_id}/transition"): "admin",
+    ("get", "/api/v1/parts"): "admin",
+    ("post", "/api/v1/parts"): "admin",
+    ("put", "/api/v1/parts/{part_no}/stock/{depot}"): "admin",
+    ("get", "/api/v1/sla/report"): "scoped",
+    ("get", "/api/v1/sla/contracts/{org_id}"): "admin",
+    ("put", "/api/v1/sla/contracts/{org_id}"): "admin",
 }
 
-REQUIRED_QUERY = {"point": POINT}
+REQUIRED_QUERY = {"point": POINT, "month": NOW.strftime("%Y-%m")}
 """Values for required query parameters (both organisations' units have this point)."""
 
 
@@ -83,6 +106,8 @@ def path_values(org: OrgWorld) -> dict[str, int | str]:
         "agent_id": org.agent_id, "unit_id": org.unit_id, "fault_id": org.fault_ids[0],
         "event_id": org.event_id, "user_id": org.user_id, "token_id": org.token_id,
         "command_id": "00000000-0000-4000-8000-000000000001",
+        "ticket_id": org.ticket_id, "link_id": org.link_id, "part_no": f"part-{org.marker}",
+        "depot": "depot",
     }
 
 
