@@ -496,5 +496,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(users_app, name="users")
     app.add_typer(tokens_app, name="tokens")
     from server.commissioning.cli import app as commissioning_app
+    from server.tickets.cli import sla_app, tickets_app
 
     app.add_typer(commissioning_app, name="commissioning")
+    app.add_typer(tickets_app, name="tickets")
+    app.add_typer(sla_app, name="sla")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from server.core.db import Database
+from server.core.db import Database, migrate_sync
 from server.models import Organisation, Site, Unit
+from tests.support.database import fresh_database
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,11 @@ def site_factory(db: Database) -> MakeSite:
     """`make_site` on any database."""
 
     async def make(timezone: str = "UTC", policy: dict[str, object] | None = None,
-                   units: tuple[str, ...] = (), series: str = "EMU-BS") -> SiteRef:
+                   units: tuple[str, ...] = (), series: str = "EMU-BS",
+                   org_name: str | None = None) -> SiteRef:
         tag = uuid.uuid4().hex[:8]
         async with db.session() as s:
-            org = Organisation(name=f"tickets-{tag}")
+            org = Organisation(name=org_name or f"tickets-{tag}")
             s.add(org)
             await s.flush()
             assert org.id is not None
@@ -59,3 +62,26 @@ def site_factory(db: Database) -> MakeSite:
         return SiteRef(site.id, org.id, site.code, timezone)
 
     return make
+
+
+@pytest.fixture
+def own_db_url(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A database of this test alone: the shared one holds other tests' due timers, which a
+    scheduler on the real clock would rightly fire (and notify)."""
+    with fresh_database(database_url, tmp_path) as url:
+        migrate_sync(url)
+        yield url
+
+
+@pytest.fixture
+async def own_db(own_db_url: str) -> AsyncIterator[Database]:
+    """The server's engine on that database."""
+    database = Database(own_db_url)
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+def own_site(own_db: Database) -> MakeSite:
+    """Sites in that database."""
+    return site_factory(own_db)

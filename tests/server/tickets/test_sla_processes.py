@@ -15,52 +15,27 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from sqlmodel import col, func, select
 
 from protocols.clock import ManualClock
 from server.core.config import ServerSettings
-from server.core.db import Database, migrate_sync
+from server.core.db import Database
 from server.main import ServerProcess
 from server.sla.config import SlaSettings, SmtpSettings
 from server.sla.models import SlaClock, SlaContract, SlaNotification, SlaTimer
 from server.tickets import service
 from server.tickets.models import TicketEvent
-from tests.server.tickets.conftest import MakeSite, SiteRef, pk, site_factory
-from tests.support.database import fresh_database
+from tests.server.tickets.conftest import MakeSite, SiteRef, pk
 from tests.support.notify import SmtpSink, WebhookReceiver
 from tests.support.process import read_until
 from tests.support.waiting import wait_for
 
 T0 = datetime(2026, 11, 8, 3, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def own_db_url(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A database of this test alone: the shared one holds other tests' due timers, which a
-    scheduler on the real clock would rightly fire (and notify)."""
-    with fresh_database(database_url, tmp_path) as url:
-        migrate_sync(url)
-        yield url
-
-
-@pytest.fixture
-async def own_db(own_db_url: str) -> AsyncIterator[Database]:
-    """The server's engine on that database."""
-    database = Database(own_db_url)
-    yield database
-    await database.close()
-
-
-@pytest.fixture
-def own_site(own_db: Database) -> MakeSite:
-    """Sites in that database."""
-    return site_factory(own_db)
 
 
 async def _chain(db: Database, site: SiteRef, hooks: WebhookReceiver,
