@@ -44,6 +44,7 @@ from server.core.security import ensure_admin
 from server.enrolment import EnrolmentOptions
 from server.models import utcnow
 from server.sla import clocks as sla_clocks
+from server.web import create_web_app
 
 log = logging.getLogger(__name__)
 
@@ -119,4 +120,7 @@ def create_app(
         """Prometheus metrics of this process (default registry)."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    web = create_web_app(settings, db, clock)
+    app.state.live = web.state.live
+    app.router.default = web  # the dashboard's pages get whatever no API route matched
     return app

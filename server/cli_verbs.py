@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -397,6 +398,27 @@ def users_list(
         return
     print_table(page["data"], USER_COLUMNS)
     _footer(page)
+
+
+@users_app.command("set-password")
+def users_set_password(
+    user_id: Annotated[int, typer.Argument(min=1, help="the user's id (see `emu users list`)")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from standard input")
+    ] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+    token: TokenOpt = None,
+) -> None:
+    """Set a user's dashboard password (admin); prompts twice unless --password-stdin."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("new password", hide_input=True, confirmation_prompt=True)
+    if not 10 <= len(password) <= 200:
+        raise typer.BadParameter("use 10 to 200 characters", param_hint="password")
+    with _api(server, token) as api:
+        api.post(f"/users/{user_id}/password", {"password": password})
+    typer.echo(f"password of user {user_id} set")
 
 
 @users_app.command("create")

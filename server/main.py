@@ -66,6 +66,7 @@ class ServerProcess:
         finally:
             if self._uvicorn is not None:
                 self._uvicorn.should_exit = True  # uvicorn closes its sockets itself
+                self._uvicorn.config.app.state.live.close()  # end the dashboard's streams
             if self.ingest is not None:
                 await self.ingest.stop()
             api = [t for t in tasks if t.get_name() == "api"]

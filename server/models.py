@@ -64,6 +64,8 @@ class Site(SQLModel, table=True):
     org_id: int = Field(foreign_key="organisation.id", index=True)
     timezone: str = Field(default="UTC", max_length=64)
     policy: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(JSONType))
+    latitude: float | None = None
+    longitude: float | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
@@ -189,6 +191,7 @@ class User(SQLModel, table=True):
     role: str = Field(max_length=16)
     org_id: int | None = Field(default=None, foreign_key="organisation.id", index=True)
     email: str | None = Field(default=None, max_length=200)
+    password_hash: str | None = Field(default=None, max_length=200)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -87,6 +87,8 @@ Email = Annotated[
 SiteCode = Annotated[str, AfterValidator(_site_code)]
 TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(_timezone)]
 Policy = Annotated[dict[str, Any], AfterValidator(_json_without_nul)]
+Latitude = Annotated[float, PydanticField(ge=-90, le=90, description="WGS 84 (map)")]
+Longitude = Annotated[float, PydanticField(ge=-180, le=180, description="WGS 84 (map)")]
 Id = Annotated[int, PydanticField(ge=1, le=MAX_ID)]
 UTCTime = Annotated[datetime, AfterValidator(as_utc)]
 
@@ -156,6 +158,8 @@ class SiteBase(SQLModel):
     org_id: Id
     timezone: TimeZone = "UTC"
     policy: Policy = Field(default_factory=dict)
+    latitude: Latitude | None = None
+    longitude: Longitude | None = None
 
 
 class SiteCreate(SiteBase):
@@ -173,6 +177,8 @@ class SiteUpdate(SQLModel):
     org_id: Id | None = None
     timezone: TimeZone | None = None
     policy: Policy | None = None
+    latitude: Latitude | None = None
+    longitude: Longitude | None = None
 
 
 class SitePublic(SiteBase):
@@ -317,6 +323,23 @@ class UserPublic(UserBase):
 
     id: int
     created_at: datetime
+
+
+class PasswordSet(SQLModel):
+    """Admin sets a user's dashboard password (argon2-hashed; never returned)."""
+
+    model_config = _STRICT  # type: ignore[assignment]
+
+    password: str = PydanticField(min_length=10, max_length=200)
+
+
+class PasswordChange(SQLModel):
+    """A user changes its own dashboard password (the current one, if it has one)."""
+
+    model_config = _STRICT  # type: ignore[assignment]
+
+    current_password: str | None = PydanticField(default=None, max_length=200)
+    new_password: str = PydanticField(min_length=10, max_length=200)
 
 
 class TokenCreate(SQLModel):

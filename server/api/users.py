@@ -25,11 +25,14 @@ from server.api.deps import (
     id_of,
     paginate,
 )
+from server.core.passwords import check_login, set_password
 from server.core.security import Role, hash_token, new_token
-from server.errors import Conflict, InvalidInput, NotFound
+from server.errors import Conflict, Forbidden, InvalidInput, NotFound
 from server.models import ApiToken, Organisation, User
 from server.schemas import (
     Page,
+    PasswordChange,
+    PasswordSet,
     RoleName,
     TokenCreate,
     TokenCreated,
@@ -90,6 +93,20 @@ async def _revoke(session: AsyncSession, user_id: int, token_id: int) -> Respons
 async def get_me(user: CurrentUser) -> User:
     """The authenticated user."""
     return user
+
+
+@router.post("/me/password", status_code=204)
+async def change_my_password(session: SessionDep, user: CurrentUser, body: PasswordChange
+                             ) -> Response:
+    """Change the caller's dashboard password (the current one is required if set)."""
+    if user.password_hash is not None and (
+        body.current_password is None
+        or await check_login(session, user.name, body.current_password) is None
+    ):
+        raise Forbidden("the current password is wrong")
+    await set_password(session, user, body.new_password)
+    await session.commit()
+    return Response(status_code=204)
 
 
 @router.get("/me/tokens", response_model=Page[TokenPublic])
@@ -178,6 +195,16 @@ async def delete_user(session: SessionDep, admin: AdminUser, user_id: IdPath) ->
         raise Conflict("an admin cannot delete itself")
     await session.exec(delete(ApiToken).where(col(ApiToken.user_id) == user_id))
     await session.delete(user)
+    await session.commit()
+    return Response(status_code=204)
+
+
+@router.post("/{user_id}/password", status_code=204)
+async def set_user_password(
+    session: SessionDep, _admin: AdminUser, user_id: IdPath, body: PasswordSet
+) -> Response:
+    """Set a user's dashboard password (admin): how a new user gets its first log-in."""
+    await set_password(session, await _user(session, user_id), body.password)
     await session.commit()
     return Response(status_code=204)
 

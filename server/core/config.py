@@ -98,6 +98,20 @@ class CommandSettings(Section):
     redeliver_s: float = Field(default=30.0, gt=0, description="republish unanswered after")
 
 
+class WebSettings(Section):
+    """The dashboard: log-in sessions and live updates."""
+
+    session_max_age_s: int = Field(
+        default=8 * 3600, ge=60, description="a log-in expires this long after it was made"
+    )
+    secure_cookies: bool = Field(
+        default=False, description="send the session cookie over HTTPS only (behind TLS)"
+    )
+    live_interval_s: float = Field(
+        default=2.0, gt=0, le=60, description="how often live pages look for changes"
+    )
+
+
 class ServerSettings(FileSettings):
     """Everything `emu server` needs."""
 
@@ -122,6 +136,7 @@ class ServerSettings(FileSettings):
     enrolment: EnrolmentSettings = EnrolmentSettings()
     sla: SlaSettings = SlaSettings()
     commands: CommandSettings = CommandSettings()
+    web: WebSettings = WebSettings()
 
     @field_validator("database_url")
     @classmethod

@@ -16,7 +16,13 @@ import pytest
 
 from server.core.db import Database
 from tests.server.test_api_common import POINT, World, client_for, seed_world
-from tests.server.test_api_scoping import REQUIRED_QUERY, fill, operations, path_values
+from tests.server.test_api_scoping import (
+    REQUIRED_QUERY,
+    VALID_BODY,
+    fill,
+    operations,
+    path_values,
+)
 
 BAD_IDS = ["abc", "0", "-1", "1.5", "99999999999999999999", "2147483648", "%00", "1e3"]
 BAD_CODES = ["%00", "-dash-first", "x" * 65, "sp%20ace"]
@@ -47,7 +53,7 @@ def bad_values(schema: dict[str, Any]) -> Iterator[Any]:
         elif kind == "integer":
             yield from ("abc", -1, 99999999999999999999, 1.5)
         elif kind == "number":
-            yield from ("abc", -1)
+            yield from ("abc", option.get("minimum", 0) - 1)
         elif kind == "boolean":
             yield "maybe"
         elif kind == "string" and option.get("format") == "date-time":
@@ -85,7 +91,9 @@ async def test_bad_path_ids_are_422_and_missing_ids_404(world: World) -> None:
     async with client_for(world.app, world.admin_token) as client:
         for method, path, operation in operations(world.app):
             params = [p for p in operation.get("parameters", []) if p["in"] == "path"]
-            body: dict[str, Any] | None = {} if method in ("post", "patch") else None
+            body: dict[str, Any] | None = (
+                dict(VALID_BODY.get(path, {})) if method in ("post", "patch") else None
+            )
             query = {k: v for k, v in REQUIRED_QUERY.items()
                      if any(p["name"] == k for p in operation.get("parameters", []))}
             for param in params:
@@ -110,7 +118,9 @@ async def test_bad_query_values_are_422(world: World) -> None:
             url = fill(path, operation, valid)
             params = [p for p in operation.get("parameters", []) if p["in"] == "query"]
             base = {p["name"]: REQUIRED_QUERY[p["name"]] for p in params if p.get("required")}
-            body: dict[str, Any] | None = {} if method in ("post", "patch") else None
+            body: dict[str, Any] | None = (
+                dict(VALID_BODY.get(path, {})) if method in ("post", "patch") else None
+            )
             for param in params:
                 for bad in bad_values(param["schema"]):
                     query = {**base, param["name"]: bad}

@@ -1,0 +1,99 @@
+"""The dashboard in a real browser (Debian's Chromium through Playwright).
+
+The server runs on a loopback socket over the seeded test world; each test logs in through
+the form like a person would. Screenshots of every page visited are kept under
+tests/artifacts/screens/ at 1366x768 and 390 px.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, expect
+from sqlmodel import select
+
+from server.core.db import Database
+from server.models import Fault, User
+from tests.server.test_api_common import World, seed_world
+from tests.server.web.helpers import PASSWORD, give_password, serving
+from tests.support.browser import browser_context, needs_chromium, screenshots
+
+pytestmark = [needs_chromium, pytest.mark.integration]
+
+
+@pytest.fixture
+async def world(db: Database) -> World:
+    """The seeded world, with passwords for its customer of "own" and an engineer."""
+    w = await seed_world(db)
+    w.app.state.settings.web.__dict__["live_interval_s"] = 0.2  # frozen model: test only
+    return w
+
+
+async def _user(db: Database, role: str, user_id: int | None = None) -> str:
+    async with db.session() as session:
+        stmt = select(User).where(User.id == user_id) if user_id else select(User).where(
+            User.role == role).order_by(User.id.desc())  # type: ignore[union-attr]
+        user = (await session.exec(stmt)).first()
+        assert user is not None
+    await give_password(db, user.name)
+    return user.name
+
+
+async def log_in(page: Page, url: str, name: str) -> None:
+    """Through the form, as a person would."""
+    await page.goto(f"{url}/login")
+    await page.get_by_label("User name").fill(name)
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page.get_by_role("heading", name="Fleet")).to_be_visible()
+
+
+async def test_engineer_sees_a_fault_appear_without_reloading(
+    world: World, db: Database, tmp_path: Path
+) -> None:
+    name = await _user(db, "engineer")
+    async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
+        page = await context.new_page()
+        await log_in(page, url, name)
+        await screenshots(page, "fleet")
+        await page.goto(f"{url}/faults")
+        await expect(page.locator("body[data-live=on]")).to_be_attached()
+        marker = page.evaluate_handle("window.performance.timeOrigin")  # same document after
+        origin = await (await marker).json_value()
+        code = f"injected-{world.own.marker}"
+        assert await page.locator(f"tr[data-code='{code}']").count() == 0
+        now = world.clock()
+        async with db.session() as session:  # what the fault engine writes on an injection
+            session.add(Fault(site_id=world.own.site_id, unit_id=world.own.unit_id, code=code,
+                              fault_class="A", title="Unit tripped (injected)", opened_at=now,
+                              last_seen_at=now, evidence={"injected": True}))
+        row = page.locator(f"tr[data-code='{code}']")
+        await expect(row).to_be_visible(timeout=15_000)
+        await expect(row).to_contain_text("A · function lost")  # the class in words, too
+        assert await page.evaluate("window.performance.timeOrigin") == origin  # no reload
+        await screenshots(page, "faults")
+        await page.goto(f"{url}/sites/{world.own.site_code}")
+        await expect(page.get_by_role("heading", name="Units")).to_be_visible()
+        await screenshots(page, "site")
+        await page.goto(f"{url}/faults/{world.own.fault_ids[0]}")
+        await screenshots(page, "fault")
+
+
+async def test_customer_cannot_open_another_organisations_site(
+    world: World, db: Database, tmp_path: Path
+) -> None:
+    name = await _user(db, "customer", world.own.user_id)
+    async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
+        page = await context.new_page()
+        await log_in(page, url, name)
+        await expect(page.get_by_role("link", name=f"Site {world.own.marker}")).to_be_visible()
+        assert world.other.marker not in await page.content()
+        response = await page.goto(f"{url}/sites/{world.other.site_code}")
+        assert response is not None
+        assert response.status == 404
+        await expect(page.get_by_role("heading", name="Not found")).to_be_visible()
+        assert f"Site {world.other.marker}" not in await page.content()
+        await screenshots(page, "customer-other-site")
+        await page.goto(f"{url}/login")
+        await screenshots(page, "login")

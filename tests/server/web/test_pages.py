@@ -1,0 +1,222 @@
+"""Dashboard pages over HTTP (no browser): log-in, CSRF, expiry, scoping, live fragments, SSE.
+
+Uses the API's seeded world (two organisations, "own" and "other", whose every text carries
+a marker), so a leak of the other organisation into a customer's page is visible.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlmodel import select
+
+from server.core.db import Database
+from server.models import Fault, User
+from tests.server.test_api_common import World, client_for, seed_world
+from tests.server.web.helpers import PASSWORD, csrf_of, give_password, log_in, serving
+from tests.support.waiting import wait_for
+
+
+@pytest.fixture
+async def world(db: Database) -> World:
+    """The seeded world; every user of it gets the test password."""
+    w = await seed_world(db)
+    async with db.session() as session:
+        names = (await session.exec(select(User.name).where(User.password_hash.is_(None)))).all()  # type: ignore[union-attr]
+    for name in names:
+        await give_password(db, name)
+    return w
+
+
+async def _name_of(db: Database, user_id: int) -> str:
+    async with db.session() as session:
+        user = await session.get(User, user_id)
+        assert user is not None
+        return user.name
+
+
+async def _staff_name(db: Database, role: str) -> str:
+    async with db.session() as session:
+        return (await session.exec(
+            select(User.name).where(User.role == role).order_by(User.id.desc())  # type: ignore[union-attr]
+        )).first() or ""
+
+
+async def test_pages_need_a_log_in_and_forms_have_labels(world: World) -> None:
+    async with client_for(world.app) as client:
+        r = await client.get("/faults?class=A")
+        assert r.status_code == 303
+        assert r.headers["location"] == "/login?next=%2Ffaults%3Fclass%3DA"
+        page = (await client.get("/login")).text
+    assert '<label for="username">' in page
+    assert 'id="username"' in page
+    assert '<label for="password">' in page
+    assert 'id="password"' in page
+    assert 'name="viewport"' in page
+    assert "http://" not in page.replace("http://www.w3.org", "")  # nothing from elsewhere
+
+
+async def test_log_in_needs_the_csrf_token_and_the_right_password(world: World, db: Database
+                                                                   ) -> None:
+    name = await _name_of(db, world.own.user_id)
+    async with client_for(world.app) as client:
+        token = csrf_of((await client.get("/login")).text)
+        no_csrf = await client.post("/login", data={"username": name, "password": PASSWORD})
+        assert no_csrf.status_code == 403
+        wrong = await client.post("/login", data={"username": name, "password": "x" * 12,
+                                                  "csrf_token": token})
+        assert wrong.status_code == 401
+        assert "wrong password" in wrong.text
+        unknown = await client.post("/login", data={"username": "nobody", "password": PASSWORD,
+                                                    "csrf_token": token})
+        assert unknown.status_code == 401
+        ok = await client.post("/login", data={"username": name, "password": PASSWORD,
+                                               "csrf_token": token, "next": "//evil.example/"})
+        assert ok.status_code == 303
+        assert ok.headers["location"] == "/"  # no open redirect
+        fleet = await client.get("/")
+        assert fleet.status_code == 200
+        # the session got a new CSRF token at log-in: the old one no longer works
+        stale = await client.post("/logout", data={"csrf_token": token})
+        assert stale.status_code == 403
+        out = await client.post("/logout", data={"csrf_token": csrf_of(fleet.text)})
+        assert out.status_code == 303
+        assert (await client.get("/")).status_code == 303
+
+
+async def test_customer_sees_only_its_own_sites(world: World, db: Database) -> None:
+    name = await _name_of(db, world.own.user_id)
+    async with client_for(world.app) as client:
+        await log_in(client, name)
+        fleet = (await client.get("/")).text
+        assert world.own.site_code in fleet
+        assert world.other.marker not in fleet
+        own = await client.get(f"/sites/{world.own.site_code}")
+        assert own.status_code == 200
+        assert f"emu-{world.own.marker}" in own.text
+        other = await client.get(f"/sites/{world.other.site_code}")
+        assert other.status_code == 404
+        assert f"Site {world.other.marker}" not in other.text  # only the asked-for code
+        faults = (await client.get("/faults?state=all")).text
+        assert f"fault A {world.own.marker}" in faults
+        assert world.other.marker not in faults
+        foreign = await client.get(f"/faults/{world.other.fault_ids[0]}")
+        assert foreign.status_code == 404
+        filtered = await client.get(f"/faults?site={world.other.site_code}")
+        assert filtered.status_code == 404
+
+
+async def test_engineer_sees_every_site_and_fault_classes(world: World, db: Database) -> None:
+    async with client_for(world.app) as client:
+        await log_in(client, await _staff_name(db, "engineer"))
+        fleet = (await client.get("/")).text
+        assert world.own.site_code in fleet
+        assert world.other.site_code in fleet
+        faults = (await client.get("/faults?class=A&class=B")).text
+        assert f"fault A {world.other.marker}" in faults
+        assert f"fault D {world.other.marker}" not in faults
+        # the class is written out, not only coloured
+        assert "A · function lost" in faults
+        one = await client.get(f"/faults/{world.own.fault_ids[0]}")
+        assert one.status_code == 200
+        assert world.own.marker in one.text
+
+
+async def test_a_live_region_is_rendered_alone(world: World, db: Database) -> None:
+    async with client_for(world.app) as client:
+        await log_in(client, await _staff_name(db, "engineer"))
+        fragment = await client.get("/faults?fragment=list")
+        assert fragment.status_code == 200
+        assert "<html" not in fragment.text
+        assert "<table" in fragment.text
+        assert (await client.get("/faults?fragment=nope")).status_code == 404
+        site = await client.get(f"/sites/{world.own.site_code}?fragment=units")
+        assert f"emu-{world.own.marker}" in site.text
+
+
+async def test_a_log_in_expires(world: World, db: Database) -> None:
+    name = await _name_of(db, world.own.user_id)
+    async with client_for(world.app) as client:
+        await log_in(client, name)
+        assert (await client.get("/")).status_code == 200
+        world.clock.now += timedelta(seconds=world.app.state.settings.web.session_max_age_s + 1)
+        try:
+            r = await client.get("/")
+        finally:
+            world.clock.now -= timedelta(seconds=world.app.state.settings.web.session_max_age_s
+                                         + 1)
+        assert r.status_code == 303
+        assert r.headers["location"].startswith("/login")
+
+
+async def test_password_api(world: World, db: Database) -> None:
+    async with client_for(world.app, world.admin_token) as admin:
+        bad = await admin.post(f"/api/v1/users/{world.own.user_id}/password",
+                               json={"password": "short"})
+        assert bad.status_code == 422
+        ok = await admin.post(f"/api/v1/users/{world.own.user_id}/password",
+                              json={"password": "a new long password"})
+        assert ok.status_code == 204
+    async with client_for(world.app, world.own.token) as me:
+        wrong = await me.post("/api/v1/users/me/password",
+                              json={"current_password": PASSWORD, "new_password": "x" * 12})
+        assert wrong.status_code == 403
+        changed = await me.post("/api/v1/users/me/password",
+                                json={"current_password": "a new long password",
+                                      "new_password": "yet another password"})
+        assert changed.status_code == 204
+        users = await me.post(f"/api/v1/users/{world.own.user_id}/password",
+                              json={"password": "a new long password"})
+        assert users.status_code == 403
+        shown = (await me.get("/api/v1/users/me")).json()
+        assert "password_hash" not in shown
+    async with client_for(world.app) as client:
+        await log_in(client, await _name_of(db, world.own.user_id), "yet another password")
+
+
+async def test_unknown_pages_are_html_and_unknown_api_routes_json(world: World) -> None:
+    async with client_for(world.app) as client:
+        page = await client.get("/no-such-page")
+        assert page.status_code == 404
+        assert "<html" in page.text
+        api = await client.get("/api/v1/no-such-route")
+        assert api.status_code == 404
+        assert api.json()["detail"]
+        css = await client.get("/static/app.css")
+        assert css.status_code == 200
+        assert "text/css" in css.headers["content-type"]
+
+
+async def test_events_stream_names_what_changed(world: World, db: Database) -> None:
+    world.app.state.settings.web.__dict__["live_interval_s"] = 0.1  # frozen model: test only
+    async with serving(world.app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        await log_in(client, await _staff_name(db, "engineer"))
+        assert (await client.get("/events?topic=bogus")).status_code == 422
+        async with client.stream("GET", "/events?topic=faults&topic=units") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = stream.aiter_lines()
+
+            async def next_event() -> tuple[str, str]:
+                event = data = ""
+                async for line in lines:
+                    if line.startswith("event:"):
+                        event = line.split(":", 1)[1].strip()
+                    elif line.startswith("data:"):
+                        data = line.split(":", 1)[1].strip()
+                    elif not line and event:
+                        return event, data
+                raise AssertionError("the stream ended")
+
+            hello = await wait_for(next_event(), 10, "the hello event")
+            assert hello[0] == "hello"
+            assert json.loads(hello[1])["topics"] == ["faults", "units"]
+            now = world.clock()
+            async with db.session() as session:
+                session.add(Fault(site_id=world.own.site_id, unit_id=world.own.unit_id,
+                                  code="live-test", fault_class="B", title="live fault",
+                                  opened_at=now, last_seen_at=now))
+            change = await wait_for(next_event(), 10, "a change event")
+            assert change == ("change", "faults")
