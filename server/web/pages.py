@@ -12,7 +12,7 @@ from sqlmodel import select
 
 from server.errors import NotFound
 from server.models import Site
-from server.web import queries
+from server.web import queries, tickets
 from server.web.auth import (
     Csrf,
     WebUser,
@@ -75,10 +75,11 @@ async def fleet(request: Request, user: WebUser) -> HTMLResponse:
     async with request.app.state.db.session() as session:
         sites = await queries.fleet(session, user)
         counts = await queries.fault_counts(session, user)
+        at_risk = await tickets.clocks_at_risk(session, user, request.app.state.clock())
     pins = [(s.site.code, s.site.name, s.site.latitude, s.site.longitude, s.state)
             for s in sites if s.site.latitude is not None and s.site.longitude is not None]
     return render(request, "fleet.html", {
-        "user": user, "sites": sites, "counts": counts, "at_risk": [],
+        "user": user, "sites": sites, "counts": counts, "at_risk": at_risk,
         "map": site_map(pins),
     })
 
@@ -131,12 +132,14 @@ async def faults_page(
         sites = (await session.exec(select(Site.code, Site.name).where(
             Site.id.in_([s.site.id for s in await queries.fleet(session, user)])  # type: ignore[union-attr]
         ).order_by(Site.name))).all()
+        clocks = await tickets.fault_clocks(session, [r.fault.id or 0 for r in rows],
+                                            request.app.state.clock())
     query = "&".join([f"class={c}" for c in classes] + [f"state={state}"] +
                      ([f"site={quote(site)}"] if site else []))
     return render(request, "faults.html", {
         "user": user, "rows": rows, "total": total, "classes": classes, "state": state,
         "site": site, "sites": sites, "page": page, "pages": max(1, -(-total // limit)),
-        "query": query,
+        "query": query, "clocks": clocks,
     })
 
 

@@ -220,3 +220,81 @@ async def test_events_stream_names_what_changed(world: World, db: Database) -> N
                                   opened_at=now, last_seen_at=now))
             change = await wait_for(next_event(), 10, "a change event")
             assert change == ("change", "faults")
+
+
+async def _ticket(db: Database, world: World, cls: str = "A") -> int:
+    from server.tickets import service
+
+    async with db.session() as session:
+        ticket = await service.open_ticket(session, site_id=world.own.site_id, source="phone",
+                                           title=f"ticket {world.own.marker}", fault_class=cls,
+                                           actor="test", now=world.clock())
+        assert ticket.id is not None
+        return ticket.id
+
+
+async def test_ticket_clocks_count_down_with_words_not_only_colour(world: World, db: Database
+                                                                  ) -> None:
+    tid = await _ticket(db, world)
+    async with client_for(world.app) as client:
+        await log_in(client, await _staff_name(db, "engineer"))
+        page = (await client.get("/tickets?fragment=list")).text
+        assert f"#{tid} ticket {world.own.marker}" in page
+        assert "on track" in page
+        world.clock.now += timedelta(minutes=4)  # respond in 5 min: warning at 75 %
+        try:
+            warn = (await client.get("/tickets?fragment=list")).text
+            risk = (await client.get("/?fragment=risk")).text
+            world.clock.now += timedelta(minutes=2)
+            breach = (await client.get(f"/tickets/{tid}")).text
+        finally:
+            world.clock.now -= timedelta(minutes=6)
+    assert "WARNING" in warn
+    assert "⚠" in warn
+    assert f"#{tid}" in risk
+    assert "BREACHED" in breach
+    assert "✖" in breach
+
+
+async def test_engineer_records_a_call_and_a_diagnosis(world: World, db: Database) -> None:
+    tid = await _ticket(db, world, "B")
+    async with client_for(world.app) as client:
+        await log_in(client, await _staff_name(db, "engineer"))
+        page = (await client.get(f"/tickets/{tid}")).text
+        assert '<label for="phone-notes">' in page
+        token = csrf_of(page)
+        r = await client.post(f"/tickets/{tid}/phone", data={
+            "notes": "customer reports a hot cabinet", "outcome": "needs_remote_support",
+            "csrf_token": token})
+        assert r.status_code == 303
+        r = await client.post(f"/tickets/{tid}/diagnosis", data={
+            "diagnosis": "fan 2 failed", "proposed_solution": "replace fan 2",
+            "csrf_token": token})
+        assert r.status_code == 303
+        bad = await client.post(f"/tickets/{tid}/transition", data={
+            "state": "new", "csrf_token": token})
+        assert bad.status_code == 409
+        page = (await client.get(f"/tickets/{tid}")).text
+    assert "customer reports a hot cabinet" in page
+    assert "fan 2 failed" in page
+    assert "replace fan 2" in page
+
+
+async def test_customer_comments_but_does_not_move_tickets(world: World, db: Database) -> None:
+    tid = await _ticket(db, world)
+    async with client_for(world.app) as client:
+        await log_in(client, await _name_of(db, world.other.user_id))
+        assert (await client.get(f"/tickets/{tid}")).status_code == 404
+    async with client_for(world.app) as client:
+        await log_in(client, await _name_of(db, world.own.user_id))
+        page = (await client.get(f"/tickets/{tid}")).text
+        assert 'action="/tickets/' in page
+        assert "phone-notes" not in page
+        token = csrf_of(page)
+        r = await client.post(f"/tickets/{tid}/comment", data={"text": "thanks, on site at 3",
+                                                               "csrf_token": token})
+        assert r.status_code == 303
+        r = await client.post(f"/tickets/{tid}/transition", data={"state": "closed",
+                                                                  "csrf_token": token})
+        assert r.status_code == 403
+        assert "thanks, on site at 3" in (await client.get(f"/tickets/{tid}")).text
