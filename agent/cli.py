@@ -121,3 +121,35 @@ def status(
         typer.echo(f"  {name:16} {state:9} cycles {d.get('cycles', 0)} timeouts "
                    f"{d.get('timeouts', 0)} exceptions {d.get('exceptions', 0)} "
                    f"malformed {d.get('malformed', 0)}")
+
+
+@app.command("approve")
+def approve(
+    session: Annotated[str | None, typer.Argument(help="session id; without it: list the "
+                                                  "sessions waiting here")] = None,
+    config: ConfigOpt = None,
+    technician: Annotated[str | None, typer.Option("--name", help="who approves (default: "
+                                                   "your login name)")] = None,
+) -> None:
+    """On-site approval of a remote session (sites whose policy says `approval = "onsite"`)."""
+    from datetime import UTC, datetime
+
+    from agent.sessions import LocalApprovalError, approve_locally, list_pending
+
+    settings = _load(config)
+    if session is None:
+        pending = list_pending(settings)
+        if not pending:
+            typer.echo("no session is waiting for approval on this gateway")
+        for item in pending:
+            typer.echo(f"{item['session']}  ticket {item.get('ticket', '-')}  scope "
+                       f"{json.dumps(item['scope'])}  until {item['claim_by']}\n"
+                       f"    reason: {item.get('reason', '-')}")
+        return
+    try:
+        info = approve_locally(settings, session, technician, now=datetime.now(UTC))
+    except LocalApprovalError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from exc
+    typer.echo(f"approved {session} (scope {json.dumps(info['scope'])}); the agent reports "
+               "the approval and opens the tunnel")

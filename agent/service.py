@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, session_commands
 from agent.batcher import Batcher
 from agent.commands import CommandDispatcher
 from agent.config import AgentSettings, DeviceSettings
 from agent.coordinator import ModbusCoordinator
 from agent.devices.modbus import ModbusLink
+from agent.diagnostics import Diagnostics, RecentLog
+from agent.sessions import AgentSessions
 from agent.spool import Spool
 from agent.uplink import Uplink
 from protocols.clock import Clock, SystemClock
@@ -48,6 +50,11 @@ class Agent:
                                           settings.commands.trusted, self.spool,
                                           self.uplink.notify, self.clock)
         self.uplink.on_command = self.commands.submit
+        self.sessions = AgentSessions(settings, self.clock)
+        """Remote sessions: outbound tunnels to the SSH gateway (agent/sessions.py)."""
+        self.recent_log = RecentLog()
+        self.diagnostics = Diagnostics(settings, self.sessions, self.recent_log)
+        session_commands.register(self.commands, self.sessions, self.diagnostics)
         self.coordinators: list[ModbusCoordinator] = []
         self.sources: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -61,6 +68,7 @@ class Agent:
     async def start(self) -> None:
         """Open the spool and start every loop."""
         await self.spool.open()
+        logging.getLogger().addHandler(self.recent_log)
         self.batcher.add_event(self.clock.now(), EventKind.AGENT_STARTED, None, None,
                                detail={"version": __version__,
                                        "devices": [d.name for d in self.settings.devices]})
@@ -106,7 +114,9 @@ class Agent:
         for coord in self.coordinators:
             coord.stopping = True
         await _cancel_all([t for t in self._tasks if t.get_name() != "uplink"])
+        await self.sessions.close_all()
         await self.commands.stop()
+        logging.getLogger().removeHandler(self.recent_log)
         await self.batcher.flush(force=True)
         await self.uplink.offline()
         await _cancel_all(self._tasks)

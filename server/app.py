@@ -27,6 +27,7 @@ from server.api import (
     faults,
     organisations,
     parts,
+    sessions,
     sites,
     sla,
     telemetry,
@@ -43,6 +44,8 @@ from server.core.db import Database
 from server.core.security import ensure_admin
 from server.enrolment import EnrolmentOptions
 from server.models import utcnow
+from server.sessions.ops import SessionOps
+from server.sessions.service import Windows
 from server.sla import clocks as sla_clocks
 from server.web import create_web_app
 
@@ -56,7 +59,7 @@ def api_router() -> APIRouter:
     """Every resource's router under `/api/v1`."""
     router = APIRouter(prefix=API_PREFIX)
     modules = (organisations, sites, agents, enrolment, units, telemetry, faults, events, users,
-               commissioning, commands, tickets, parts, sla)
+               commissioning, commands, tickets, parts, sla, sessions)
     for module in modules:
         router.include_router(module.router)
     return router
@@ -70,6 +73,29 @@ def enrolment_options(settings: ServerSettings) -> EnrolmentOptions:
         ca_pem=ca.read_text(encoding="utf-8") if ca is not None else None,
         reserved_usernames=frozenset({settings.mqtt.username or SERVER_USERNAME}),
     )
+
+
+def session_ops(settings: ServerSettings, commands: CommandService) -> SessionOps:
+    """Session lifecycle whose orders to agents go through the command channel."""
+    from server.sessions.link import CommandLink, attach_acks
+
+    attach_acks(commands, commands.clock)
+    return SessionOps(CommandLink(commands),
+                      Windows(claim_s=settings.gateway.claim_s,
+                              onsite_s=settings.gateway.onsite_window_s))
+
+
+def gateway_public_key(settings: ServerSettings) -> str | None:
+    """The gateway's host key (public half) if it exists yet, for known_hosts lines."""
+    from server.sessions.gateway import key_text
+
+    path = settings.gateway_host_key_file
+    try:
+        import asyncssh
+
+        return key_text(asyncssh.read_private_key(path)) if path.exists() else None
+    except (OSError, ValueError, asyncssh.KeyImportError):
+        return None
 
 
 def create_app(
@@ -101,6 +127,8 @@ def create_app(
     app.state.clock = clock
     app.state.enrolment = enrolment_options(settings)
     app.state.commands = command_service or CommandService(settings, db)
+    app.state.sessions = session_ops(settings, app.state.commands)
+    app.state.gateway_host_key = gateway_public_key(settings)
     install_error_handlers(app)
     app.include_router(api_router())
 

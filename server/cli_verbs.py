@@ -517,6 +517,9 @@ def register(app: typer.Typer) -> None:
     app.command("telemetry", no_args_is_help=True)(telemetry)
     app.add_typer(users_app, name="users")
     app.add_typer(tokens_app, name="tokens")
+    from server.sessions.cli import app as session_app
+
+    app.add_typer(session_app, name="session")
     from server.commissioning.cli import app as commissioning_app
     from server.tickets.cli import sla_app, tickets_app
 

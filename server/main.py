@@ -33,6 +33,7 @@ class ServerProcess:
         self.ingest: Any = None
         self.faults: Any = None
         self.sla: Any = None
+        self.gateway: Any = None
         from server.commands.service import CommandService
 
         self.commands = CommandService(settings, self.db, clock=self.clock)
@@ -57,6 +58,8 @@ class ServerProcess:
             tasks.append(asyncio.create_task(self._supervise("ingest", self._ingest)))
         if "scheduler" in roles:
             tasks.append(asyncio.create_task(self._supervise("scheduler", self._scheduler)))
+        if "gateway" in roles:
+            tasks.append(asyncio.create_task(self._supervise("gateway", self._gateway)))
         if "api" in roles:
             tasks.append(asyncio.create_task(self._api(), name="api"))
         else:
@@ -103,6 +106,21 @@ class ServerProcess:
                 log.exception("role %s failed; restarting in %.0f s", name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
+
+    async def _gateway(self) -> None:
+        """The remote-session SSH gateway (server/sessions/gateway.py)."""
+        from server.sessions.authority import DbAuthority
+        from server.sessions.gateway import Gateway, load_host_key
+
+        cfg = self.settings.gateway
+        key = await asyncio.to_thread(load_host_key, self.settings.gateway_host_key_file)
+        self.gateway = Gateway(DbAuthority(self.db, self.clock), key, host=cfg.host,
+                               port=cfg.port, poll_s=cfg.poll_s, clock=self.clock)
+        await self.gateway.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.gateway.close()
 
     async def _ingest(self) -> None:
         from server.ingest.worker import IngestWorker

@@ -112,6 +112,21 @@ class WebSettings(Section):
     )
 
 
+class GatewaySettings(Section):
+    """The SSH gateway of remote sessions (role `gateway`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=2222, ge=0, le=65535)
+    public_host: str | None = Field(
+        default=None, description="the name engineers and agents reach the gateway by")
+    host_key_file: Path | None = Field(
+        default=None, description="OpenSSH private host key; default <data_dir>/keys/"
+        "gateway_host_key, created on first start")
+    poll_s: float = Field(default=0.25, gt=0, le=1.5, description="revocation/expiry check")
+    claim_s: float = Field(default=1800.0, gt=0, description="approval must be used within")
+    onsite_window_s: float = Field(default=4 * 3600.0, gt=0)
+
+
 class ServerSettings(FileSettings):
     """Everything `emu server` needs."""
 
@@ -120,7 +135,9 @@ class ServerSettings(FileSettings):
     )
 
     database_url: str = "sqlite+aiosqlite:///emu-server.db"
-    roles: tuple[Literal["api", "ingest", "scheduler"], ...] = ("api", "ingest", "scheduler")
+    roles: tuple[Literal["api", "ingest", "scheduler", "gateway"], ...] = Field(
+        default=("api", "ingest", "scheduler"),
+        description="add `gateway` to run the remote-session SSH gateway in this process")
     secret_key: str | None = None
     admin_token: str | None = Field(
         default=None, description="bootstrap token of the first admin (hashed on first start)"
@@ -137,6 +154,7 @@ class ServerSettings(FileSettings):
     sla: SlaSettings = SlaSettings()
     commands: CommandSettings = CommandSettings()
     web: WebSettings = WebSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("database_url")
     @classmethod
@@ -160,6 +178,11 @@ class ServerSettings(FileSettings):
     def command_key_path(self) -> Path:
         """Where the command signing key lives."""
         return self.commands.key_file or self.data_dir / "keys" / "command.pem"
+
+    @property
+    def gateway_host_key_file(self) -> Path:
+        """The SSH gateway's host key."""
+        return self.gateway.host_key_file or self.data_dir / "keys" / "gateway_host_key"
 
     @property
     def is_sqlite(self) -> bool:

@@ -17,7 +17,12 @@ from typing import Any, Protocol
 from sqlalchemy import event
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from protocols.clock import Clock
+from protocols.messages import AckResult, CommandAck, CommandKind
 from protocols.sessions import Grant
+from server.commands.models import CommandRecord
+from server.commands.service import CommandService
+from server.sessions import diagnostics, service
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +81,60 @@ class NoLink:
         """Log only."""
         log.warning("sessions: no command channel; diagnostic for %s not sent", session)
         return None
+
+
+class CommandLink:
+    """The production link: signed commands on `emu/v1/{site}/cmd` (server/commands)."""
+
+    def __init__(self, commands: CommandService) -> None:
+        self.commands = commands
+
+    async def open(self, s: AsyncSession, site: str, grant: Grant,
+                   info: dict[str, Any]) -> str | None:
+        """`session.open`, valid until the claim-by deadline."""
+        ttl = max(1.0, (grant.claim_by - self.commands.clock.now()).total_seconds())
+        cmd = await self.commands.send(s, site, CommandKind.SESSION_OPEN,
+                                       {"grant": grant.model_dump(mode="json"), "info": info},
+                                       ttl_s=ttl)
+        return str(cmd.id)
+
+    async def close(self, s: AsyncSession, site: str, session: str, reason: str) -> None:
+        """`session.close`."""
+        await self.commands.send(s, site, CommandKind.SESSION_CLOSE,
+                                 {"session": session, "reason": reason})
+
+    async def diagnostic(self, s: AsyncSession, site: str, session: str,
+                         action: dict[str, Any]) -> str | None:
+        """`diagnostic` within the session."""
+        cmd = await self.commands.send(s, site, CommandKind.DIAGNOSTIC,
+                                       {"session": session, **action})
+        return str(cmd.id)
+
+
+def attach_acks(commands: CommandService, clock: Clock) -> None:
+    """Follow the agents' answers: on-site approvals, tunnel state, diagnostic results."""
+
+    async def on_open(s: AsyncSession, row: CommandRecord, ack: CommandAck) -> None:
+        args = row.args or {}
+        session_id = str((args.get("grant") or {}).get("session", ""))
+        if not session_id:
+            return
+        detail = dict(ack.detail)
+        now = clock.now()
+        if ack.result is AckResult.PROGRESS and detail.get("state") == "approved":
+            await service.approve_onsite(s, session_id, str(detail.get("technician", "?")),
+                                         now=now)
+            return
+        await service.get_session(s, session_id, lock=True)
+        kind = f"agent.{detail.get('state', ack.result.value)}"
+        await service.append_audit(s, session_id, kind, actor="agent", detail=detail, now=now)
+
+    async def on_diagnostic(s: AsyncSession, row: CommandRecord, ack: CommandAck) -> None:
+        if ack.result is AckResult.PROGRESS:
+            return
+        session_id = str((row.args or {}).get("session", ""))
+        await diagnostics.attach_result(s, session_id, row.id, dict(row.args or {}),
+                                        ack.result.value, dict(ack.detail), now=clock.now())
+
+    commands.on_ack(CommandKind.SESSION_OPEN, on_open)
+    commands.on_ack(CommandKind.DIAGNOSTIC, on_diagnostic)

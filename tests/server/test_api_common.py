@@ -80,6 +80,8 @@ class OrgWorld:
     token_id: int
     ticket_id: int = 0
     link_id: int = 0
+    session_id: str = ""
+    recording_id: int = 0
 
 
 @dataclass
@@ -119,6 +121,26 @@ async def add_user(
     await session.flush()
     assert row.id is not None
     return user.id, token, row.id
+
+
+async def _seed_remote_session(session: AsyncSession, site_id: int, ticket_id: int,
+                               user_id: int, marker: str) -> tuple[str, int]:
+    """A remote session of the ticket, its audit entry and a recording, all marked."""
+    from server.sessions.models import RemoteSession, SessionAudit, SessionRecording
+
+    sid = "s" + secrets.token_hex(6)
+    session.add(RemoteSession(id=sid, ticket_id=ticket_id, site_id=site_id, engineer_id=user_id,
+                              reason=f"reason {marker}", scope={"shell": True, "units": []},
+                              max_duration_s=600, requested_at=NOW))
+    await session.flush()
+    session.add(SessionAudit(session_id=sid, seq=1, ts=NOW, kind="requested",
+                             detail={"marker": marker}, prev_hash="0" * 64, hash="0" * 64))
+    recording = SessionRecording(session_id=sid, name=f"shell-{marker}.cast", started_at=NOW,
+                                 ended_at=NOW, sha256="0" * 64, cast=f'{{"version": 2}}\n{marker}')
+    session.add(recording)
+    await session.flush()
+    assert recording.id is not None
+    return sid, recording.id
 
 
 async def _seed_org(session: AsyncSession, label: str) -> OrgWorld:
@@ -175,7 +197,10 @@ async def _seed_org(session: AsyncSession, label: str) -> OrgWorld:
                                        now=NOW - timedelta(minutes=15))
     link = await tickets.link(session, tickets.require_id(ticket.id), "release",
                               f"EMU-BS/{marker}", now=NOW - timedelta(minutes=14))
+    session_id, recording_id = await _seed_remote_session(
+        session, site.id, tickets.require_id(ticket.id), user_id, marker)
     return OrgWorld(
+        session_id=session_id, recording_id=recording_id,
         marker=marker, org_id=org.id, site_id=site.id, site_code=site.code, agent_id=agent.id,
         unit_id=unit.id, series_id=series.id, fault_ids=[f.id for f in faults if f.id],
         event_id=event.id or 0, user_id=user_id, token=token, token_id=token_id,

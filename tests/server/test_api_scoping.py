@@ -27,6 +27,21 @@ from tests.server.test_api_common import NOW, POINT, OrgWorld, World, client_for
 Access = Literal["scoped", "admin", "self", "public"]
 
 ROUTES: dict[tuple[str, str], Access] = {
+    ("post", "/api/v1/sessions"): "admin",  # staff only (engineers request)
+    ("get", "/api/v1/sessions"): "scoped",
+    ("get", "/api/v1/sessions/{session_id}"): "scoped",
+    ("post", "/api/v1/sessions/{session_id}/approve"): "scoped",
+    ("post", "/api/v1/sessions/{session_id}/deny"): "scoped",
+    ("post", "/api/v1/sessions/{session_id}/revoke"): "scoped",
+    ("post", "/api/v1/sessions/{session_id}/close"): "admin",
+    ("get", "/api/v1/sessions/{session_id}/audit"): "scoped",
+    ("get", "/api/v1/sessions/{session_id}/recordings"): "scoped",
+    ("get", "/api/v1/sessions/{session_id}/recordings/{recording_id}"): "scoped",
+    ("get", "/api/v1/sessions/{session_id}/connect"): "admin",
+    ("post", "/api/v1/sessions/{session_id}/diagnostics"): "admin",
+    ("get", "/api/v1/users/me/ssh-keys"): "self",
+    ("post", "/api/v1/users/me/ssh-keys"): "admin",  # staff only
+    ("delete", "/api/v1/users/me/ssh-keys/{key_id}"): "self",
     ("get", "/healthz"): "public",
     ("get", "/metrics"): "public",
     ("get", "/api/v1/organisations"): "scoped",
@@ -116,6 +131,7 @@ def path_values(org: OrgWorld) -> dict[str, int | str]:
         "command_id": "00000000-0000-4000-8000-000000000001",
         "ticket_id": org.ticket_id, "link_id": org.link_id, "part_no": f"part-{org.marker}",
         "depot": "depot",
+        "session_id": org.session_id, "recording_id": org.recording_id, "key_id": 1,
     }
 
 
