@@ -150,5 +150,6 @@ def create_app(
 
     web = create_web_app(settings, db, clock)
     app.state.live = web.state.live
+    web.state.parent = app  # the pages use the API's services (e.g. app.state.sessions)
     app.router.default = web  # the dashboard's pages get whatever no API route matched
     return app

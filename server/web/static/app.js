@@ -39,8 +39,10 @@
     return Math.floor(s / 86400) + " d " + Math.floor(s % 86400 / 3600) + " h";
   }
   // SLA countdowns: text, icon and colour change together (colour is never the only signal).
+  // Counted on the server's clock: the page says what time it was rendered at.
+  var skew = document.body && document.body.dataset.now ? Date.parse(document.body.dataset.now) - Date.now() : 0;
   function tick() {
-    var now = Date.now();
+    var now = Date.now() + (isNaN(skew) ? 0 : skew);
     document.querySelectorAll(".sla[data-due]").forEach(function (el) {
       var st = el.dataset.state;
       if (!el.dataset.due || st === "paused" || st === "stopped") { return; }
@@ -80,4 +82,28 @@
   }
   if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", start); }
   else { start(); }
+})();
+// Recording replay: re-types an asciicast's output events with their timing (gaps capped).
+(function () {
+  "use strict";
+  document.addEventListener("click", function (e) {
+    var btn = e.target.closest ? e.target.closest("[data-replay]") : null;
+    if (!btn) { return; }
+    var screen = document.getElementById(btn.dataset.replay);
+    var data = document.getElementById(btn.dataset.replay + "-events");
+    if (!screen || !data) { return; }
+    var events = JSON.parse(data.textContent || "[]"), i = 0, last = 0;
+    screen.textContent = "";
+    btn.disabled = true;
+    function step() {
+      if (i >= events.length) { btn.disabled = false; return; }
+      screen.textContent += events[i][1].replace(/\r\n/g, "\n");
+      screen.scrollTop = screen.scrollHeight;
+      var next = i + 1 < events.length ? events[i + 1][0] : events[i][0];
+      var wait = Math.min(Math.max(next - events[i][0], 0), 1.5) * 1000;
+      i += 1;
+      window.setTimeout(step, wait);
+    }
+    step();
+  });
 })();

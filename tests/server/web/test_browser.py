@@ -97,3 +97,42 @@ async def test_customer_cannot_open_another_organisations_site(
         await screenshots(page, "customer-other-site")
         await page.goto(f"{url}/login")
         await screenshots(page, "login")
+
+
+async def test_customer_approves_a_session(world: World, db: Database, tmp_path: Path) -> None:
+    from protocols.sessions import Scope
+    from server.sessions.ops import SessionOps
+    from server.tickets import service
+
+    customer = await _user(db, "customer", world.own.user_id)
+    engineer_name = await _user(db, "engineer")
+    async with db.session() as session:
+        engineer = (await session.exec(select(User).where(User.name == engineer_name))).one()
+        ticket = await service.open_ticket(session, site_id=world.own.site_id, source="phone",
+                                           title="Inverter trips at noon", fault_class="B",
+                                           actor=engineer_name, now=world.clock())
+        assert ticket.id is not None
+        row = await SessionOps().request(session, engineer, ticket_id=ticket.id,
+                                         reason="read the inverter's fault log",
+                                         scope=Scope(shell=True),  # noqa: S604
+                                         max_duration_s=3600,
+                                         now=world.clock())
+        sid = row.id
+    async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
+        page = await context.new_page()
+        await log_in(page, url, customer)
+        await page.get_by_role("link", name="Remote sessions").click()
+        await expect(page.locator(f"tr[data-session='{sid}']")).to_be_visible()
+        await screenshots(page, "sessions")
+        await page.get_by_role("link", name=sid).click()
+        await expect(page.get_by_text("read the inverter's fault log")).to_be_visible()
+        await screenshots(page, "session-requested")
+        await page.get_by_role("button", name="Approve access").click()
+        await expect(page.locator(".session-state")).to_have_text("approved")
+        await expect(page.get_by_role("button", name="Revoke now")).to_be_visible()
+        await screenshots(page, "session-approved")
+        await page.goto(f"{url}/tickets/{ticket.id}")
+        await expect(page.locator("li[data-kind='session_requested']")).to_be_visible()
+        await screenshots(page, "ticket")
+        await page.goto(f"{url}/tickets")
+        await screenshots(page, "tickets")

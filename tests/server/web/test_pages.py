@@ -298,3 +298,48 @@ async def test_customer_comments_but_does_not_move_tickets(world: World, db: Dat
                                                                   "csrf_token": token})
         assert r.status_code == 403
         assert "thanks, on site at 3" in (await client.get(f"/tickets/{tid}")).text
+
+
+async def test_session_request_approve_revoke_and_recording(world: World, db: Database) -> None:
+    from server.sessions.models import SessionRecording
+
+    tid = await _ticket(db, world, "B")
+    engineer = await _staff_name(db, "engineer")
+    async with client_for(world.app) as eng:
+        await log_in(eng, engineer)
+        page = (await eng.get("/sessions")).text
+        assert '<label for="req-reason">' in page
+        r = await eng.post("/sessions", data={
+            "ticket_id": str(tid), "reason": "look at the inverter log", "shell": "true",
+            "units": f"emu-{world.own.marker}", "minutes": "30", "csrf_token": csrf_of(page)})
+        assert r.status_code == 303, r.text
+        sid = r.headers["location"].rsplit("/", 1)[1]
+        assert "Approve access" not in (await eng.get(f"/sessions/{sid}")).text
+    async with client_for(world.app) as other:
+        await log_in(other, await _name_of(db, world.other.user_id))
+        assert (await other.get(f"/sessions/{sid}")).status_code == 404
+        assert sid not in (await other.get("/sessions")).text
+    async with client_for(world.app) as cust:
+        await log_in(cust, await _name_of(db, world.own.user_id))
+        page = (await cust.get(f"/sessions/{sid}")).text
+        assert "look at the inverter log" in page
+        r = await cust.post(f"/sessions/{sid}/approve", data={"csrf_token": csrf_of(page)})
+        assert r.status_code == 303
+        page = (await cust.get(f"/sessions/{sid}")).text
+        assert 'data-state="approved"' in page
+        assert "hash chain verifies" in page
+        r = await cust.post(f"/sessions/{sid}/revoke", data={"csrf_token": csrf_of(page)})
+        assert r.status_code == 303
+        assert 'data-state="revoked"' in (await cust.get(f"/sessions/{sid}")).text
+        now = world.clock()
+        cast = ('{"version": 2, "width": 80, "height": 24}\n[0.1, "o", "$ uptime\\r\\n"]\n'
+                '[0.5, "o", "\\u001b[1mup 3 days\\u001b[0m\\r\\n"]\n')
+        async with db.session() as session:
+            rec = SessionRecording(session_id=sid, name="shell-1", started_at=now, ended_at=now,
+                                   sha256="0" * 64, cast=cast)
+            session.add(rec)
+            await session.flush()
+            rid = rec.id
+        replay = (await cust.get(f"/sessions/{sid}/recordings/{rid}")).text
+        assert "up 3 days" in replay
+        assert "\x1b" not in replay
