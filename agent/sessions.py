@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict[str, Any]], Awaitable[None]]
 SESSIONS_DIR = "sessions"
 MAX_BACKOFF_S = 5.0
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+"""AES-GCM first: hardware-accelerated, several times faster than chacha20 in asyncssh."""
+WINDOW = 8 * 1024 * 1024
+MAX_PACKET = 256 * 1024
+"""Gateway-to-agent packets may be this large (both ends asyncssh): fewer per-packet costs."""
 
 
 class SessionRefused(AgentError):
@@ -333,7 +338,7 @@ class Tunnel:
                 host.strip("[]"), int(port), username=AGENT_USER_PREFIX + self.grant.session,
                 client_keys=[await self.m.key()], known_hosts=([pinned], [], []),
                 agent_path=None, config=None, preferred_auth="publickey",
-                keepalive_interval=15)
+                keepalive_interval=15, encryption_algs=list(CIPHERS), window=WINDOW)
         self.conn = conn
         try:
             if self.stopped.is_set():
@@ -341,7 +346,8 @@ class Tunnel:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 for target_host, target_port in self.grant.scope.targets():
                     await conn.create_server(self._factory(target_host, target_port),
-                                             target_host, target_port)
+                                             target_host, target_port, window=WINDOW,
+                                             max_pktsize=MAX_PACKET)
             log.info("sessions: %s tunnel up, offering %s", self.grant.session,
                      self.grant.scope.targets())
             await self._report({"state": "ready",

@@ -201,9 +201,10 @@ async def seed(db: Database, clock: Clock, engineer_key: asyncssh.SSHKey,
 
 
 @asynccontextmanager
-async def session_rig(db: Database, tmp: Path, clock: Clock, sim: Simulator, *,
+async def session_rig(db: Database, tmp: Path, clock: Clock, sim: Simulator | None, *,
                       policy: dict[str, Any] | None = None,
-                      agent_overrides: dict[str, Any] | None = None) -> AsyncIterator[Rig]:
+                      agent_overrides: dict[str, Any] | None = None,
+                      units: dict[str, tuple[str, int]] | None = None) -> AsyncIterator[Rig]:
     """Start gateway and agent around a seeded world; stop everything afterwards."""
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     engineer_key = asyncssh.generate_private_key("ssh-ed25519")
@@ -215,11 +216,13 @@ async def session_rig(db: Database, tmp: Path, clock: Clock, sim: Simulator, *,
     await gateway.start()
     known_hosts = tmp / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{gateway.port} {gateway.host_public_key}\n")
-    devices = []
-    for n, name in ((1, "unit1"), (2, "unit2")):
-        host, port, unit_id = sim.where(n)
-        devices.append({"name": name, "protocol": "modbus-tcp", "profile": "sunspec",
-                        "host": host, "port": port, "unit_id": unit_id})
+    where = units or {}
+    if sim is not None:
+        for n, name in ((1, "unit1"), (2, "unit2")):
+            host, port, _unit_id = sim.where(n)
+            where.setdefault(name, (host, port))
+    devices = [{"name": name, "protocol": "modbus-tcp", "profile": "sunspec", "host": host,
+                "port": port, "unit_id": 1} for name, (host, port) in where.items()]
     settings = AgentSettings(
         site=world["site_code"], state_dir=tmp / "agent", devices=devices,
         sessions={"gateway": f"127.0.0.1:{gateway.port}",
