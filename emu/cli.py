@@ -49,9 +49,10 @@ def demo(
         typer.echo(f"EMU Remote Service demo running at {url}")
         typer.echo(f"  API docs   {url}/docs")
         typer.echo(f"  sites      curl -H 'Authorization: Bearer <token>' {url}/api/v1/sites")
-        typer.echo("  log-ins (bearer tokens):")
+        typer.echo(f"  dashboard  {url}/  (log in with a name and password below)")
+        typer.echo("  log-ins (dashboard password, API bearer token):")
         for name, token in logins.tokens.items():
-            typer.echo(f"    {name:10} {token}")
+            typer.echo(f"    {name:10} {logins.passwords.get(name, '-'):14} {token}")
         typer.echo(f"  faults are injected every {fault_every:g} s; Ctrl-C stops the demo")
 
     async def main() -> None:

@@ -33,6 +33,7 @@ from agent.service import Agent
 from emu.broker import embedded_broker
 from server.core.config import HttpSettings, MqttSettings, ServerSettings
 from server.core.db import Database, migrate
+from server.core.passwords import set_password
 from server.main import ServerProcess
 from server.models import ApiToken, Organisation, Site, User
 from simulators.server import SimConfig, Simulator
@@ -50,19 +51,35 @@ class DemoSite:
     name: str
     org: str
     timezone: str
+    latitude: float | None = None
+    longitude: float | None = None
 
 
 SITES = (
-    DemoSite("site-sunrise", "Sunrise Farms battery park", "Sunrise Farms", "Asia/Shanghai"),
-    DemoSite("site-harbour", "Harbour Logistics rooftop PV", "Harbour Logistics", "Europe/Berlin"),
+    DemoSite("site-sunrise", "Sunrise Farms battery park", "Sunrise Farms", "Asia/Shanghai",
+             31.23, 121.47),
+    DemoSite("site-harbour", "Harbour Logistics rooftop PV", "Harbour Logistics", "Europe/Berlin",
+             53.54, 9.98),
 )
+RELEASE_MANAGER = "release"
+"""The demo's release manager: an engineer-role user (the API has no separate role)."""
 
 
 @dataclass
 class DemoLogins:
-    """Tokens printed for the demo users."""
+    """Tokens (API) and passwords (dashboard) printed for the demo users."""
 
     tokens: dict[str, str] = field(default_factory=dict)
+    passwords: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """A running demo, for tests that drive it (inject faults into `sim`)."""
+
+    url: str
+    logins: DemoLogins
+    sim: Simulator
 
 
 def free_port() -> int:
@@ -83,8 +100,10 @@ async def seed(db: Database, hash_token: Callable[[str], str]) -> DemoLogins:
             found = (await s.exec(select(Site).where(Site.code == site.code))).first()
             if found is None:
                 s.add(Site(code=site.code, name=site.name, org_id=_id(orgs[site.org].id),
-                           timezone=site.timezone, policy={}))
-        users = [("admin", "admin", vendor.id), ("engineer", "engineer", vendor.id)] + [
+                           timezone=site.timezone, policy={}, latitude=site.latitude,
+                           longitude=site.longitude))
+        users = [("admin", "admin", vendor.id), ("engineer", "engineer", vendor.id),
+                 (RELEASE_MANAGER, "engineer", vendor.id)] + [
             (site.code.removeprefix("site-"), "customer", orgs[site.org].id) for site in SITES
         ]
         for name, role, org_id in users:
@@ -96,6 +115,9 @@ async def seed(db: Database, hash_token: Callable[[str], str]) -> DemoLogins:
             token = secrets.token_urlsafe(24)
             s.add(ApiToken(user_id=_id(user.id), token_hash=hash_token(token), name="emu demo"))
             logins.tokens[name] = token
+            password = secrets.token_urlsafe(9)  # 12 characters, fresh at every start
+            await set_password(s, user, password)
+            logins.passwords[name] = password
     return logins
 
 
@@ -135,8 +157,9 @@ async def run_demo(
     port: int, data_dir: Path, stop: asyncio.Event, *, units_per_site: int = 2,
     fault_every_s: float = 45.0, poll_interval_s: float = 2.0,
     ready: Callable[[str, DemoLogins], None] | None = None,
+    started: Callable[[DemoRun], None] | None = None, scenario: bool = True,
 ) -> None:
-    """Run everything until `stop` is set."""
+    """Run everything until `stop` is set; `scenario` plays the scripted tour (see `tour`)."""
     from server.core.security import hash_token
 
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
@@ -169,11 +192,17 @@ async def run_demo(
             await proc.started.wait()
             for agent in agents:
                 await agent.start()
+            url = f"http://{LOOPBACK}:{proc.api_port}"
             injector = asyncio.create_task(inject_faults(sim, fault_every_s, stop))
+            tour_task = asyncio.create_task(tour(url, logins, sim, stop)) if scenario else None
             if ready is not None:
-                ready(f"http://{LOOPBACK}:{proc.api_port}", logins)
+                ready(url, logins)
+            if started is not None:
+                started(DemoRun(url, logins, sim))
             await stop.wait()
             await injector
+            if tour_task is not None:
+                await tour_task
         finally:
             for agent in agents:
                 with contextlib.suppress(Exception):
@@ -202,3 +231,50 @@ def _agent(site: DemoSite, sim: Simulator, index: int, per_site: int, mqtt_port:
         devices=tuple(devices),
     )
     return Agent(settings)
+
+
+async def tour(url: str, logins: DemoLogins, sim: Simulator, stop: asyncio.Event) -> None:
+    """The scripted scenario, through the API as its users would: a phone ticket, a fault at
+    once (which opens a ticket), then a remote-session request on that ticket for the
+    customer to approve. Failures are logged, never fatal: the demo goes on without them."""
+    try:
+        await _tour(url, logins, sim, stop)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("demo: the scripted tour stopped early")
+
+
+async def _tour(url: str, logins: DemoLogins, sim: Simulator, stop: asyncio.Event) -> None:
+    import httpx
+
+    engineer = {"Authorization": f"Bearer {logins.tokens['engineer']}"}
+    async with httpx.AsyncClient(base_url=url, headers=engineer, timeout=10) as api:
+        sites = {s["code"]: s["id"] for s in (await api.get("/api/v1/sites")).json()["data"]}
+        r = await api.post("/api/v1/tickets", json={
+            "site_id": sites["site-harbour"], "source": "phone", "fault_class": "C",
+            "title": "Customer reports lower PV yield since Monday",
+            "description": "Called in by the facility manager; no alarm on site."})
+        r.raise_for_status()
+        first = sim.units[0]
+        first.inject("trip")
+        log.warning("demo: injected trip on %s (the tour's first fault)", first.serial)
+        ticket = None
+        for _ in range(120):  # the fault engine opens an A ticket within a few polls
+            found = (await api.get("/api/v1/tickets", params={"source": "fault"})).json()
+            if found["data"]:
+                ticket = found["data"][-1]
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+                return
+        if ticket is None:
+            log.warning("demo: no fault ticket appeared; no session request")
+            return
+        units = (await api.get("/api/v1/units", params={"site_id": ticket["site_id"]})).json()
+        r = await api.post("/api/v1/sessions", json={
+            "ticket_id": ticket["id"], "reason": "Read the tripped unit's fault log",
+            "scope": {"shell": True, "units": [u["device"] for u in units["data"][:1]]},
+            "max_duration_s": 3600})
+        r.raise_for_status()
+        log.warning("demo: engineer asked for remote session %s", r.json().get("id"))

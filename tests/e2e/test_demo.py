@@ -33,7 +33,8 @@ async def test_demo_runs_and_shows_live_data(tmp_path: Path) -> None:
         await wait_for(up.wait(), 60, "the demo to come up")
         logins = seen["logins"]
         assert isinstance(logins, DemoLogins)
-        assert set(logins.tokens) == {"admin", "engineer", "sunrise", "harbour"}
+        assert set(logins.tokens) == {"admin", "engineer", "release", "sunrise", "harbour"}
+        assert set(logins.passwords) == set(logins.tokens)
         async with httpx.AsyncClient(base_url=str(seen["url"]), timeout=10) as api:
             admin = {"Authorization": f"Bearer {logins.tokens['admin']}"}
 
