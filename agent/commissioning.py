@@ -9,8 +9,8 @@ judged by `protocols.commissioning.evaluate_unit`. The result is a `CheckOutcome
 `UnitFinding` per unit that answered, evidence included; comparing it with the plan (missing
 and unexpected units) and judging the gateway clock is the server's job.
 
-The runner is the handler of the `commissioning.check` command (see `handle`), and works on
-its own for tests and for `emu agent` diagnostics.
+The runner is the handler of the `commissioning.check` command (`handler`, registered by
+`Agent`), and works on its own for tests.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
+from agent.commands import CommandRejected
 from agent.config import DeviceSettings
 from agent.coordinator import ModbusCoordinator
 from agent.devices.discovery import DiscoveringCoordinator
@@ -38,7 +41,7 @@ from protocols.commissioning import (
     evaluate_unit,
     parse_unit_ids,
 )
-from protocols.messages import EventKind, Quality, Severity
+from protocols.messages import Command, EventKind, Quality, Severity
 from protocols.profiles import Profile, all_profiles
 from protocols.registers import Table, Value
 from protocols.sunspec import DEFAULT_BASES, SUNS_MARKER
@@ -212,7 +215,14 @@ class CommissioningRunner:
 
     async def handle(self, args: dict[str, Any], progress: Progress | None = None
                      ) -> dict[str, Any]:
-        """The command handler's body: validated arguments in, the outcome as JSON out."""
-        request = CheckRequest.model_validate(args)
+        """Validated arguments in, the outcome as JSON out (CommandRejected for bad args)."""
+        try:
+            request = CheckRequest.model_validate(args)
+        except ValidationError as exc:
+            raise CommandRejected(f"not a commissioning check: {exc}") from exc
         outcome = await self.run(request, progress)
         return outcome.model_dump(mode="json")
+
+    async def handler(self, cmd: Command, progress: Progress) -> dict[str, Any]:
+        """The `commissioning.check` handler for `Agent.commands`."""
+        return await self.handle(dict(cmd.args), progress)

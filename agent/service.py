@@ -18,6 +18,7 @@ from typing import Any
 from agent import __version__, session_commands
 from agent.batcher import Batcher
 from agent.commands import CommandDispatcher
+from agent.commissioning import CommissioningRunner
 from agent.config import AgentSettings, DeviceSettings
 from agent.coordinator import ModbusCoordinator
 from agent.devices.modbus import ModbusLink
@@ -26,7 +27,7 @@ from agent.sessions import AgentSessions
 from agent.spool import Spool
 from agent.uplink import Uplink
 from protocols.clock import Clock, SystemClock
-from protocols.messages import EventKind, Health
+from protocols.messages import CommandKind, EventKind, Health
 from protocols.profiles import Profile, load_profile
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Agent:
         self.recent_log = RecentLog()
         self.diagnostics = Diagnostics(settings, self.sessions, self.recent_log)
         session_commands.register(self.commands, self.sessions, self.diagnostics)
+        self.commissioning = CommissioningRunner(self.clock)
+        self.commands.register(CommandKind.COMMISSIONING_CHECK, self.commissioning.handler)
         self.coordinators: list[ModbusCoordinator] = []
         self.sources: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []

@@ -38,6 +38,9 @@ class ServerProcess:
 
         self.commands = CommandService(settings, self.db, clock=self.clock)
         """Signed orders to agents; features subscribe to answers with `commands.on_ack`."""
+        from server.commissioning.channel import subscribe as follow_commissioning
+
+        follow_commissioning(self.commands)
 
     async def prepare(self) -> None:
         """Migrate (if configured); the API's lifespan creates the bootstrap admin."""

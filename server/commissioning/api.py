@@ -181,7 +181,7 @@ async def start_run(request: Request, session: SessionDep, user: StaffUser, now:
     site = await session.get(Site, plan.site_id)
     assert site is not None  # noqa: S101 - foreign key
     run, check = await service.start_run(session, plan_id, actor=user.name, now=now)
-    await send_check(commands, session, site.code, run, check)
+    await send_check(commands, session, site.code, run, check, user_id=user.id)
     await session.commit()
     return run
 

@@ -3,8 +3,8 @@ on-site results, the merged report, and the units that join the fleet.
 
 The remote run is driven here by calling the agent's runner directly with the request the
 server builds (`service.start_run`) and handing its outcome to `service.record_outcome`: the
-same two ends the `commissioning.check` command connects (tested in test_commissioning_channel
-once the command channel is there).
+same two ends the `commissioning.check` command connects (through the broker and a real agent
+in test_commissioning_channel.py).
 """
 
 from __future__ import annotations
@@ -246,8 +246,9 @@ async def test_plan_document_versions_scoping_and_roles(
     refused = await staff.post(f"{API}/plans", json=bad)
     assert refused.status_code == 422
     assert "EMU-XX" in refused.json()["detail"]
-    no_channel = await staff.post(f"{API}/plans/{plan_id}/runs")
-    assert no_channel.status_code == 409
+    unscheduled = await staff.post(f"{API}/plans/{plan_id}/runs")
+    assert unscheduled.status_code == 409
+    assert "schedule it before running" in unscheduled.json()["detail"]
 
 
 async def test_plan_with_a_ticket_is_linked_and_noted_on_its_timeline(
