@@ -105,7 +105,7 @@ class CheckResult(_Strict):
 class Target(_Strict):
     """Where to look for units: one Modbus TCP address and unit-id ranges (`1-10,12`)."""
 
-    host: str = Field(min_length=1, max_length=253)
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9._:\[\]-]+$")
     port: int = Field(default=502, ge=1, le=65535)
     unit_ids: str = "1-10"
 

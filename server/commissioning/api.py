@@ -8,9 +8,10 @@ JSON.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlmodel import col, select
 
 from server.api.deps import (
@@ -22,6 +23,7 @@ from server.api.deps import (
     SessionDep,
     StaffUser,
     get_visible,
+    id_of,
     paginate,
 )
 from server.commissioning import service
@@ -41,22 +43,27 @@ from server.commissioning.schemas import (
     PlanPublic,
     PlanUpdate,
     RunPublic,
+    State,
 )
 from server.core.security import Role, visible_sites
 from server.errors import Forbidden
 from server.models import Site, User
-from server.schemas import Page
+from server.schemas import MAX_ID, Page
 
 router = APIRouter(prefix="/commissioning", tags=["commissioning"])
 
 Format = Literal["html", "pdf", "json"]
-Move = Literal["schedule", "complete", "cancel"]
-TARGET_STATE = {"schedule": "scheduled", "complete": "completed", "cancel": "cancelled"}
 
 
-async def _plan(session: SessionDep, user: User, plan_id: int) -> CommissioningPlan:
+async def visible_plan(session: SessionDep, user: CurrentUser, plan_id: IdPath
+                       ) -> CommissioningPlan:
+    """The plan in the path if the caller may see it (404 otherwise, before any body is
+    validated); staff routes declare their role check first, so customers get 403."""
     return await get_visible(session, user, CommissioningPlan, plan_id,
                              col(CommissioningPlan.site_id))
+
+
+PlanDep = Annotated[CommissioningPlan, Depends(visible_plan)]
 
 
 def _download(doc_html: str, pdf: bytes, title: str, fmt: str) -> Response:
@@ -70,7 +77,7 @@ def _download(doc_html: str, pdf: bytes, title: str, fmt: str) -> Response:
 @router.get("/plans", response_model=Page[PlanPublic])
 async def list_plans(
     session: SessionDep, user: CurrentUser, page: PageDep, site_id: IdQuery = None,
-    state: Annotated[str | None, Query(max_length=16)] = None,
+    state: State | None = None,
 ) -> Page[CommissioningPlan]:
     """Plans of the sites the caller may see, newest first."""
     stmt = select(CommissioningPlan).where(visible_sites(user, col(CommissioningPlan.site_id)))
@@ -95,73 +102,70 @@ async def create_plan(session: SessionDep, user: StaffUser, now: NowDep, body: P
 
 
 @router.get("/plans/{plan_id}", response_model=PlanPublic)
-async def get_plan(session: SessionDep, user: CurrentUser, plan_id: IdPath) -> CommissioningPlan:
+async def get_plan(plan: PlanDep) -> CommissioningPlan:
     """One plan."""
-    return await _plan(session, user, plan_id)
+    return plan
 
 
 @router.patch("/plans/{plan_id}", response_model=PlanPublic)
-async def update_plan(session: SessionDep, user: StaffUser, now: NowDep, plan_id: IdPath,
+async def update_plan(session: SessionDep, user: StaffUser, now: NowDep, plan: PlanDep,
                       body: PlanUpdate) -> CommissioningPlan:
     """Edit a plan; an issued or scheduled plan returns to draft and needs issuing again."""
-    plan = await service.update_plan(session, plan_id, actor=user.name, now=now, **body.fields())
+    plan = await service.update_plan(session, id_of(plan), actor=user.name, now=now,
+                                     **body.fields())
     await session.commit()
     return plan
 
 
 @router.post("/plans/{plan_id}/issue", response_model=DocumentPublic)
-async def issue_plan(session: SessionDep, user: StaffUser, now: NowDep, plan_id: IdPath
+async def issue_plan(session: SessionDep, user: StaffUser, now: NowDep, plan: PlanDep
                      ) -> CommissioningDocument:
     """Issue the plan: renders and stores its next written version."""
-    doc = await service.issue_plan(session, plan_id, actor=user.name, now=now)
+    doc = await service.issue_plan(session, id_of(plan), actor=user.name, now=now)
     await session.commit()
     return doc
 
 
 @router.post("/plans/{plan_id}/acknowledge", response_model=PlanPublic)
-async def acknowledge_plan(session: SessionDep, user: CurrentUser, now: NowDep, plan_id: IdPath
+async def acknowledge_plan(session: SessionDep, user: CurrentUser, now: NowDep, plan: PlanDep
                            ) -> CommissioningPlan:
     """The customer acknowledges its issued plan (staff cannot do it for them)."""
-    await _plan(session, user, plan_id)
     if Role(user.role) is not Role.CUSTOMER:
         raise Forbidden("only the customer acknowledges its commissioning plan")
-    plan = await service.acknowledge_plan(session, plan_id, actor=user.name, now=now)
+    plan = await service.acknowledge_plan(session, id_of(plan), actor=user.name, now=now)
     await session.commit()
     return plan
 
 
 @router.get("/plans/{plan_id}/documents", response_model=list[DocumentPublic])
-async def list_documents(session: SessionDep, user: CurrentUser, plan_id: IdPath
-                         ) -> list[CommissioningDocument]:
+async def list_documents(session: SessionDep, plan: PlanDep) -> list[CommissioningDocument]:
     """Every stored version of the written plan and the report."""
-    await _plan(session, user, plan_id)
     rows = await session.exec(select(CommissioningDocument)
-                              .where(CommissioningDocument.plan_id == plan_id)
+                              .where(CommissioningDocument.plan_id == plan.id)
                               .order_by(col(CommissioningDocument.id)))
     return list(rows.all())
 
 
 @router.get("/plans/{plan_id}/document", response_class=Response)
 async def plan_document(
-    session: SessionDep, user: CurrentUser, plan_id: IdPath,
+    session: SessionDep, plan: PlanDep,
     fmt: Annotated[Literal["html", "pdf"], Query(alias="format")] = "html",
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> Response:
     """The written plan (latest issued version, or `version`)."""
-    await _plan(session, user, plan_id)
-    doc = await service.latest_document(session, plan_id, "plan", version)
+    doc = await service.latest_document(session, id_of(plan), "plan", version)
     return _download(doc.html, doc.pdf, doc.title, fmt)
 
 
 @router.get("/plans/{plan_id}/report", response_model=None)
 async def report(
-    session: SessionDep, user: CurrentUser, now: NowDep, plan_id: IdPath,
+    session: SessionDep, now: NowDep, plan: PlanDep,
     fmt: Annotated[Format, Query(alias="format")] = "json",
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> Response | dict[str, Any]:
     """The commissioning report: the stored version (latest, or `version`); JSON without
     `version` is built afresh from the current results."""
-    await _plan(session, user, plan_id)
+    plan_id = id_of(plan)
     if fmt == "json" and version is None:
         return (await service.build(session, plan_id, now=now)).model_dump(mode="json")
     doc = await service.latest_document(session, plan_id, "report", version)
@@ -172,35 +176,32 @@ async def report(
 
 @router.post("/plans/{plan_id}/runs", response_model=RunPublic, status_code=202)
 async def start_run(request: Request, session: SessionDep, user: StaffUser, now: NowDep,
-                    plan_id: IdPath) -> CommissioningRun:
+                    plan: PlanDep) -> CommissioningRun:
     """Send `commissioning.check` to the site's agent; the report follows its answer."""
     commands = getattr(request.app.state, "commands", None)
     if commands is None:
         raise NoAgentChannel("this server has no command channel to the agents")
-    plan = await service.get_plan(session, plan_id)
     site = await session.get(Site, plan.site_id)
     assert site is not None  # noqa: S101 - foreign key
-    run, check = await service.start_run(session, plan_id, actor=user.name, now=now)
+    run, check = await service.start_run(session, id_of(plan), actor=user.name, now=now)
     await send_check(commands, session, site.code, run, check, user_id=user.id)
     await session.commit()
     return run
 
 
 @router.get("/plans/{plan_id}/runs", response_model=list[RunPublic])
-async def list_runs(session: SessionDep, user: CurrentUser, plan_id: IdPath
-                    ) -> list[CommissioningRun]:
+async def list_runs(session: SessionDep, plan: PlanDep) -> list[CommissioningRun]:
     """The plan's remote runs, oldest first."""
-    await _plan(session, user, plan_id)
-    rows = await session.exec(select(CommissioningRun).where(CommissioningRun.plan_id == plan_id)
+    rows = await session.exec(select(CommissioningRun).where(CommissioningRun.plan_id == plan.id)
                               .order_by(col(CommissioningRun.id)))
     return list(rows.all())
 
 
 @router.post("/plans/{plan_id}/results", response_model=list[OnsitePublic], status_code=201)
-async def record_results(session: SessionDep, user: StaffUser, now: NowDep, plan_id: IdPath,
+async def record_results(session: SessionDep, user: StaffUser, now: NowDep, plan: PlanDep,
                          body: OnsiteBatch) -> list[OnsiteResult]:
     """On-site results of a technician (the caller), merged into the report."""
-    rows = await service.record_onsite(session, plan_id,
+    rows = await service.record_onsite(session, id_of(plan),
                                        [r.model_dump() for r in body.results],
                                        technician=user.name, now=now)
     await session.commit()
@@ -208,21 +209,36 @@ async def record_results(session: SessionDep, user: StaffUser, now: NowDep, plan
 
 
 @router.get("/plans/{plan_id}/results", response_model=list[OnsitePublic])
-async def list_results(session: SessionDep, user: CurrentUser, plan_id: IdPath
-                       ) -> list[OnsiteResult]:
+async def list_results(session: SessionDep, plan: PlanDep) -> list[OnsiteResult]:
     """Every on-site result recorded for the plan."""
-    await _plan(session, user, plan_id)
-    rows = await session.exec(select(OnsiteResult).where(OnsiteResult.plan_id == plan_id)
+    rows = await session.exec(select(OnsiteResult).where(OnsiteResult.plan_id == plan.id)
                               .order_by(col(OnsiteResult.id)))
     return list(rows.all())
 
 
-# declared last: `/{move}` would otherwise shadow /runs and /results
-@router.post("/plans/{plan_id}/{move}", response_model=PlanPublic)
-async def move_plan(session: SessionDep, user: StaffUser, now: NowDep, plan_id: IdPath,
-                    move: Move) -> CommissioningPlan:
-    """schedule (after acknowledgement), complete (registers the units that passed), cancel."""
-    plan = await service.transition(session, plan_id, TARGET_STATE[move], actor=user.name,
-                                    now=now)
+async def _move(session: SessionDep, user: User, now: datetime, plan: CommissioningPlan,
+                target: str) -> CommissioningPlan:
+    moved = await service.transition(session, id_of(plan), target, actor=user.name, now=now)
     await session.commit()
-    return plan
+    return moved
+
+
+@router.post("/plans/{plan_id}/schedule", response_model=PlanPublic)
+async def schedule_plan(session: SessionDep, user: StaffUser, now: NowDep, plan: PlanDep
+                        ) -> CommissioningPlan:
+    """Schedule a plan the customer acknowledged."""
+    return await _move(session, user, now, plan, "scheduled")
+
+
+@router.post("/plans/{plan_id}/complete", response_model=PlanPublic)
+async def complete_plan(session: SessionDep, user: StaffUser, now: NowDep, plan: PlanDep
+                        ) -> CommissioningPlan:
+    """Complete the plan: the units that passed are registered in the fleet."""
+    return await _move(session, user, now, plan, "completed")
+
+
+@router.post("/plans/{plan_id}/cancel", response_model=PlanPublic)
+async def cancel_plan(session: SessionDep, user: StaffUser, now: NowDep, plan: PlanDep
+                      ) -> CommissioningPlan:
+    """Cancel the plan."""
+    return await _move(session, user, now, plan, "cancelled")

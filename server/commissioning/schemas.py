@@ -5,14 +5,31 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from protocols.commissioning import Target
 from server.schemas import Id, Name, Policy, UserName
+from server.schemas import _no_nul as no_nul
 
 Mode = Literal["remote", "onsite"]
 Series = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9-]{1,31}$")]
-Serial = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Serial = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+                   AfterValidator(no_nul)]
+
+
+ShortText = Annotated[str, StringConstraints(max_length=100), AfterValidator(no_nul)]
+LineText = Annotated[str, StringConstraints(max_length=2000), AfterValidator(no_nul)]
+LongText = Annotated[str, StringConstraints(max_length=10000), AfterValidator(no_nul)]
+
+
+State = Literal["draft", "issued", "scheduled", "in_progress", "completed", "cancelled"]
 CheckName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 _STRICT = ConfigDict(extra="forbid")
 
@@ -24,10 +41,10 @@ class EquipmentItem(BaseModel):
     model_config = _STRICT
 
     series: Series
-    type: Annotated[str, StringConstraints(max_length=100)] | None = None
+    type: ShortText | None = None
     count: int = Field(ge=1, le=1000)
     serials: list[Serial] = Field(default_factory=list, max_length=1000)
-    firmware: Annotated[str, StringConstraints(max_length=32)] | None = None
+    firmware: ShortText | None = None
 
 
 class ChecklistItem(BaseModel):
@@ -37,7 +54,7 @@ class ChecklistItem(BaseModel):
 
     name: CheckName
     where: Literal["remote", "onsite"]
-    requirement: Annotated[str, StringConstraints(max_length=500)]
+    requirement: LineText
 
 
 class _PlanFields(BaseModel):
@@ -52,7 +69,7 @@ class _PlanFields(BaseModel):
     equipment: list[EquipmentItem] | None = Field(default=None, min_length=1, max_length=50)
     targets: list[Target] | None = Field(default=None, max_length=64)
     checklist: dict[Series, list[ChecklistItem]] | None = None
-    notes: Annotated[str, StringConstraints(max_length=10000)] | None = None
+    notes: LongText | None = None
     ticket_id: Id | None = None
 
     def fields(self) -> dict[str, Any]:
@@ -150,7 +167,7 @@ class OnsiteIn(BaseModel):
     series: Series | None = None
     check: CheckName
     passed: bool
-    detail: Annotated[str, StringConstraints(max_length=2000)] = ""
+    detail: LineText = ""
     evidence: Policy = Field(default_factory=dict)
 
 

@@ -165,6 +165,7 @@ async def plan_context(session: AsyncSession, plan: CommissioningPlan) -> dict[s
 
     return {"plan": {
         "id": plan.id, "number": f"CP-{_pk(plan.id):04d}", "version": plan.version,
+        "title": plan.title,
         "issued_at": when(plan.issued_at), "issued_by": plan.issued_by,
         "customer": org.name if org else "-", "mode": plan.mode,
         "site": {"code": site.code, "name": site.name, "timezone": site.timezone},

@@ -39,6 +39,7 @@ from server.models import (
     User,
 )
 from server.tickets import service as tickets
+from tests.support.commissioning_site import seed_plan
 from tests.support.net import free_tcp_port
 
 NOW = datetime(2031, 3, 14, 12, 0, tzinfo=UTC)
@@ -82,6 +83,7 @@ class OrgWorld:
     link_id: int = 0
     session_id: str = ""
     recording_id: int = 0
+    plan_id: int = 0
 
 
 @dataclass
@@ -205,6 +207,7 @@ async def _seed_org(session: AsyncSession, label: str) -> OrgWorld:
         unit_id=unit.id, series_id=series.id, fault_ids=[f.id for f in faults if f.id],
         event_id=event.id or 0, user_id=user_id, token=token, token_id=token_id,
         ticket_id=tickets.require_id(ticket.id), link_id=tickets.require_id(link.id),
+        plan_id=await seed_plan(session, site.id, marker, NOW - timedelta(minutes=12)),
     )
 
 

@@ -104,6 +104,22 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("get", "/api/v1/sla/report"): "scoped",
     ("get", "/api/v1/sla/contracts/{org_id}"): "admin",
     ("put", "/api/v1/sla/contracts/{org_id}"): "admin",
+    ("get", "/api/v1/commissioning/plans"): "scoped",
+    ("post", "/api/v1/commissioning/plans"): "admin",  # staff only
+    ("get", "/api/v1/commissioning/plans/{plan_id}"): "scoped",
+    ("patch", "/api/v1/commissioning/plans/{plan_id}"): "admin",
+    ("post", "/api/v1/commissioning/plans/{plan_id}/issue"): "admin",
+    ("post", "/api/v1/commissioning/plans/{plan_id}/acknowledge"): "scoped",
+    ("post", "/api/v1/commissioning/plans/{plan_id}/schedule"): "admin",
+    ("post", "/api/v1/commissioning/plans/{plan_id}/complete"): "admin",
+    ("post", "/api/v1/commissioning/plans/{plan_id}/cancel"): "admin",
+    ("get", "/api/v1/commissioning/plans/{plan_id}/documents"): "scoped",
+    ("get", "/api/v1/commissioning/plans/{plan_id}/document"): "scoped",
+    ("get", "/api/v1/commissioning/plans/{plan_id}/report"): "scoped",
+    ("post", "/api/v1/commissioning/plans/{plan_id}/runs"): "admin",
+    ("get", "/api/v1/commissioning/plans/{plan_id}/runs"): "scoped",
+    ("post", "/api/v1/commissioning/plans/{plan_id}/results"): "admin",
+    ("get", "/api/v1/commissioning/plans/{plan_id}/results"): "scoped",
 }
 
 VALID_BODY: dict[str, dict[str, Any]] = {
@@ -132,6 +148,7 @@ def path_values(org: OrgWorld) -> dict[str, int | str]:
         "ticket_id": org.ticket_id, "link_id": org.link_id, "part_no": f"part-{org.marker}",
         "depot": "depot",
         "session_id": org.session_id, "recording_id": org.recording_id, "key_id": 1,
+        "plan_id": org.plan_id,
     }
 
 

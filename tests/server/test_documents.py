@@ -15,7 +15,8 @@ from server.errors import InvalidInput
 
 def plan_context(**over: Any) -> dict[str, Any]:
     plan = {
-        "id": 7, "number": "CP-0007", "version": 2, "issued_at": "2026-11-25 10:00 UTC",
+        "id": 7, "number": "CP-0007", "version": 2, "title": "Hafen Nord storage",
+        "issued_at": "2026-11-25 10:00 UTC",
         "issued_by": "lead", "customer": "Müller & Söhne <GmbH>", "mode": "remote",
         "site": {"code": "site-a", "name": "Hafen Nord", "timezone": "Europe/Berlin"},
         "visits": 2, "starts_on": "2026-12-01", "ends_on": "2026-12-03",
