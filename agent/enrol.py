@@ -25,6 +25,7 @@ import httpx
 import typer
 
 from agent.errors import AgentError
+from agent.sessions import load_or_create_key, public_key_line
 from protocols.enrolment import Credentials as EnrolledCredentials
 from protocols.errors import TopicError
 from protocols.topics import validate_site
@@ -33,6 +34,8 @@ ENROL_PATH = "/api/v1/enrol"
 TIMEOUT_S = 30.0
 CONFIG_MODE = 0o600
 CA_FILE_NAME = "emu-broker-ca.pem"
+SSH_KEY_NAME = "emu-agent-ssh-key"
+"""The agent's own key for the remote-session gateway, next to its config (mode 0600)."""
 NEW_FILE_HEADER = "# Site agent configuration; credentials written by `emu agent enrol`.\n"
 
 Updates = dict[str | None, dict[str, str]]
@@ -82,6 +85,9 @@ def _parse_answer(body: Any) -> EnrolledCredentials:
             broker_url=None if body.get("broker_url") is None else str(body["broker_url"]),
             ca_pem=None if body.get("ca_pem") is None else str(body["ca_pem"]),
             command_key=None if body.get("command_key") is None else str(body["command_key"]),
+            gateway=None if body.get("gateway") is None else str(body["gateway"]),
+            gateway_host_key=None if body.get("gateway_host_key") is None
+            else str(body["gateway_host_key"]),
         )
     except KeyError as exc:
         raise EnrolmentError(f"the server's answer lacks {exc.args[0]!r}") from exc
@@ -99,12 +105,16 @@ async def request_credentials(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     timeout: float = TIMEOUT_S,  # noqa: ASYNC109  (passed to httpx, which enforces it)
+    ssh_public_key: str | None = None,
 ) -> EnrolledCredentials:
     """POST the token; the credentials, or EnrolmentError saying why not."""
     url = enrol_url(server_url)
     try:
         async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
-            response = await client.post(url, json={"token": token, "agent_id": agent_id})
+            body = {"token": token, "agent_id": agent_id}
+            if ssh_public_key is not None:
+                body["ssh_public_key"] = ssh_public_key
+            response = await client.post(url, json=body)
     except httpx.HTTPError as exc:
         raise EnrolmentError(f"cannot reach {url}: {exc or type(exc).__name__}") from exc
     if response.status_code == 404:
@@ -197,7 +207,8 @@ def update_toml(text: str, updates: Updates) -> str:
     return result
 
 
-def config_updates(creds: EnrolledCredentials, ca_file: Path | None) -> Updates:
+def config_updates(creds: EnrolledCredentials, ca_file: Path | None,
+                   key_file: Path | None = None) -> Updates:
     """The keys enrolment sets in the agent's TOML."""
     broker = {"username": creds.username, "password": creds.password}
     if creds.broker_url is not None:
@@ -208,6 +219,11 @@ def config_updates(creds: EnrolledCredentials, ca_file: Path | None) -> Updates:
                         "broker": broker}
     if creds.command_key is not None:
         updates["commands"] = {"server_key": creds.command_key}
+    if creds.gateway is not None and creds.gateway_host_key is not None:
+        updates["sessions"] = {"gateway": creds.gateway,
+                               "gateway_host_key": creds.gateway_host_key}
+        if key_file is not None:
+            updates["sessions"]["key_file"] = str(key_file)
     return updates
 
 
@@ -248,14 +264,17 @@ def check_config(config_path: Path, agent_id: str) -> None:
         raise EnrolmentError(f"{path.parent}: no such directory")
     if not os.access(path.parent, os.W_OK):
         raise EnrolmentError(f"{path.parent}: not writable")
-    probe = EnrolledCredentials("probe", agent_id, "probe", "probe", "mqtts://probe", "probe")
+    probe = EnrolledCredentials("probe", agent_id, "probe", "probe", "mqtts://probe", "probe",
+                                "probe", "probe:2222", "ssh-ed25519 probe")
     try:
-        update_toml(_read(path), config_updates(probe, path.parent / CA_FILE_NAME))
+        update_toml(_read(path), config_updates(probe, path.parent / CA_FILE_NAME,
+                                                path.parent / SSH_KEY_NAME))
     except EnrolmentError as exc:
         raise EnrolmentError(f"{path}: {exc}") from exc
 
 
-def write_credentials(config_path: Path, creds: EnrolledCredentials) -> Path:
+def write_credentials(config_path: Path, creds: EnrolledCredentials,
+                      key_file: Path | None = None) -> Path:
     """Store `creds` in the agent's TOML (and the CA next to it); return the file written."""
     path = config_path.resolve()
     ca_file = None
@@ -263,7 +282,7 @@ def write_credentials(config_path: Path, creds: EnrolledCredentials) -> Path:
         if creds.ca_pem is not None:
             ca_file = path.parent / CA_FILE_NAME
             _write_atomically(ca_file, creds.ca_pem, 0o644)
-        text = update_toml(_read(path), config_updates(creds, ca_file))
+        text = update_toml(_read(path), config_updates(creds, ca_file, key_file))
         _write_atomically(path, text, CONFIG_MODE)
     except OSError as exc:
         raise EnrolmentError(f"{path}: cannot write: {exc}") from exc
@@ -282,9 +301,12 @@ async def enrol(
 ) -> EnrolledCredentials:
     """Exchange `token` at `server_url` and write the credentials into `config_path`."""
     await asyncio.to_thread(check_config, config_path, agent_id)
-    creds = await request_credentials(server_url, token, agent_id, transport=transport)
+    key_file = (await asyncio.to_thread(config_path.resolve)).parent / SSH_KEY_NAME
+    key = await asyncio.to_thread(load_or_create_key, key_file)
+    creds = await request_credentials(server_url, token, agent_id, transport=transport,
+                                      ssh_public_key=public_key_line(key))
     try:
-        await asyncio.to_thread(write_credentials, config_path, creds)
+        await asyncio.to_thread(write_credentials, config_path, creds, key_file)
     except EnrolmentError as exc:
         raise EnrolmentError(
             f"{exc}\nthe token is spent: fix this and ask the administrator for a new one"

@@ -20,3 +20,7 @@ class Credentials:
     ca_pem: str | None = None
     command_key: str | None = None
     """The server's command public key (base64 Ed25519) the agent must trust."""
+    gateway: str | None = None
+    """`host:port` of the remote-session SSH gateway the agent dials out to."""
+    gateway_host_key: str | None = None
+    """The gateway's OpenSSH host key (`type base64`), pinned by the agent."""

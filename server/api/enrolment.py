@@ -17,6 +17,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from sqlmodel import select
 
 from server.api.deps import AdminUser, NowDep, SessionDep
 from server.enrolment import (
@@ -79,6 +80,9 @@ class EnrolRequest(BaseModel):
 
     token: Token
     agent_id: AgentId
+    ssh_public_key: str | None = Field(
+        default=None, max_length=2000,
+        description="the agent's OpenSSH public key for the remote-session gateway")
 
 
 class EnrolResponse(BaseModel):
@@ -92,6 +96,10 @@ class EnrolResponse(BaseModel):
     ca_pem: str | None = None
     command_key: str | None = None
     """The server's command public key (base64 Ed25519): the agent obeys only what it signed."""
+    gateway: str | None = None
+    """`host:port` of the remote-session SSH gateway (when it has a host key)."""
+    gateway_host_key: str | None = None
+    """The gateway's host key for the agent to pin."""
 
 
 @router.post(
@@ -148,6 +156,7 @@ async def enrol(
         await commands.load_key()
         command_key = commands.public_key
     creds = await redeem(session, body.token, body.agent_id, now=now, options=options)
+    gateway, gateway_key = await _register_ssh_key(request, session, body)
     await session.commit()  # the token is spent before the password leaves the server
     response.headers.update(NO_STORE)
     return EnrolResponse(
@@ -158,4 +167,27 @@ async def enrol(
         broker_url=creds.broker_url,
         ca_pem=creds.ca_pem,
         command_key=command_key,
+        gateway=gateway,
+        gateway_host_key=gateway_key,
     )
+
+
+async def _register_ssh_key(request: Request, session: SessionDep,
+                            body: EnrolRequest) -> tuple[str | None, str | None]:
+    """Keep the agent's gateway key; the gateway address and host key for it to pin."""
+    from server.app import gateway_public_key
+    from server.models import Agent
+    from server.sessions.keys import set_agent_key
+
+    if body.ssh_public_key:
+        agent = (await session.exec(select(Agent).where(Agent.agent_id == body.agent_id))).one()
+        await set_agent_key(session, agent, body.ssh_public_key)
+    settings = getattr(request.app.state, "settings", None)
+    if settings is None:
+        return None, None
+    host_key = getattr(request.app.state, "gateway_host_key", None) or gateway_public_key(
+        settings)
+    if host_key is None:
+        return None, None
+    host = settings.gateway.public_host or settings.gateway.host
+    return f"{host}:{settings.gateway.port}", host_key
