@@ -101,9 +101,14 @@ class CommissioningRunner:
     """Runs `commissioning.check` requests against the units of this site."""
 
     def __init__(self, clock: Clock | None = None,
-                 profiles: Sequence[Profile] | None = None) -> None:
+                 profiles: Sequence[Profile] | None = None,
+                 devices: Sequence[DeviceSettings] = ()) -> None:
         self.clock = clock or SystemClock()
         self.profiles = list(profiles if profiles is not None else all_profiles())
+        self.names = {(d.host, d.port, d.unit_id): d.name for d in devices
+                      if d.protocol == "modbus-tcp"}
+        """The agent's own device names by address, so that the server registers a unit
+        under the name its telemetry will carry."""
 
     def profile_for(self, model: str | None) -> Profile | None:
         """The shipped profile whose model name the unit reports, if any."""
@@ -180,6 +185,7 @@ class CommissioningRunner:
         discovered = walker.discovered
         assert discovered is not None  # noqa: S101 - checked by the caller
         base = {"host": device.host or "", "port": device.port, "unit_id": device.unit_id,
+                "device": self.names.get((device.host, device.port, device.unit_id)),
                 "manufacturer": discovered.manufacturer, "model": discovered.model,
                 "chain": walker.chain}
         profile = self.profile_for(discovered.model)

@@ -56,7 +56,7 @@ class Agent:
         self.recent_log = RecentLog()
         self.diagnostics = Diagnostics(settings, self.sessions, self.recent_log)
         session_commands.register(self.commands, self.sessions, self.diagnostics)
-        self.commissioning = CommissioningRunner(self.clock)
+        self.commissioning = CommissioningRunner(self.clock, devices=settings.devices)
         self.commands.register(CommandKind.COMMISSIONING_CHECK, self.commissioning.handler)
         self.coordinators: list[ModbusCoordinator] = []
         self.sources: list[Any] = []

@@ -134,6 +134,7 @@ class UnitFinding(_Strict):
     port: int
     unit_id: int
     series: str | None
+    device: str | None = Field(default=None, description="the agent's name for this address")
     manufacturer: str | None = None
     model: str | None = None
     serial: str | None = None

@@ -41,6 +41,7 @@ class ReportUnit(BaseModel):
 
     serial: str | None
     series: str | None
+    device: str | None = None
     model: str | None = None
     firmware: str | None = None
     address: str | None = None
@@ -106,8 +107,8 @@ def _unit_from_finding(u: UnitFinding, clock: CheckResult | None) -> ReportUnit:
     checks = [ReportCheck(source="remote", **c.model_dump(exclude={"source"})) for c in u.checks]
     if clock is not None:
         checks.append(ReportCheck(source="remote", **clock.model_dump(exclude={"source"})))
-    return ReportUnit(serial=u.serial, series=u.series, model=u.model, firmware=u.firmware,
-                      address=u.address, checks=checks)
+    return ReportUnit(serial=u.serial, series=u.series, device=u.device, model=u.model,
+                      firmware=u.firmware, address=u.address, checks=checks)
 
 
 def _merge_onsite(units: dict[str, ReportUnit], onsite: Sequence[OnsiteEntry]) -> None:

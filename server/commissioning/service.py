@@ -380,18 +380,20 @@ async def latest_document(session: AsyncSession, plan_id: int, kind: str, versio
 
 async def register_passed_units(session: AsyncSession, plan: CommissioningPlan, now: datetime
                                 ) -> list[Unit]:
-    """Every planned unit that passed joins the fleet (device named by serial, unless a unit
-    with that serial is already known at the site, which then gets the nameplate)."""
+    """Every planned unit that passed joins the fleet under the name the site's agent gives
+    its address (else its serial); a unit already known by that name or serial gets the
+    nameplate."""
     report = await build(session, _pk(plan.id), now=now)
     units = []
     for u in report.units:
         if u.status != "pass" or not u.serial:
             continue
+        name = u.device or u.serial
         row = (await session.exec(select(Unit).where(
             Unit.site_id == plan.site_id,
-            (col(Unit.serial) == u.serial) | (col(Unit.device) == u.serial)))).first()
+            (col(Unit.serial) == u.serial) | (col(Unit.device) == name)))).first()
         if row is None:
-            row = Unit(site_id=plan.site_id, device=u.serial, first_seen=now)
+            row = Unit(site_id=plan.site_id, device=name, first_seen=now)
         row.series, row.model, row.serial = u.series, u.model, u.serial
         row.firmware = u.firmware
         session.add(row)

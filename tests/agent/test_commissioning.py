@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from agent.commissioning import CommissioningRunner
+from agent.config import DeviceSettings
 from protocols.clock import ManualClock
 from protocols.commissioning import CheckOutcome, CheckRequest, Requirements, UnitFinding
 from protocols.profiles import load_profile
@@ -113,6 +114,16 @@ async def test_silent_unit_is_not_found_and_progress_is_reported(sim: Simulator)
     outcome = await CommissioningRunner().run(request(sim), progress)
     assert sorted(by_unit(outcome)) == [1, 2, 3, 4, 6]
     assert seen[-1] == {"probed": 8, "of": 8}
+
+
+async def test_units_carry_the_agents_device_names(sim: Simulator) -> None:
+    host, port, _ = sim.where(1)
+    named = DeviceSettings(name="bs-north", protocol="modbus-tcp", profile="EMU-BS", host=host,
+                           port=port, unit_id=1)
+    outcome = await CommissioningRunner(devices=[named]).run(request(sim))
+    units = by_unit(outcome)
+    assert units[1].device == "bs-north"
+    assert units[2].device is None
 
 
 async def test_handle_takes_and_returns_json(sim: Simulator) -> None:

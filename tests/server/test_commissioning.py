@@ -10,7 +10,7 @@ in test_commissioning_channel.py).
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -19,6 +19,7 @@ from pypdf import PdfReader
 from sqlmodel import select
 
 from agent.commissioning import CommissioningRunner
+from agent.config import DeviceSettings
 from protocols.clock import ManualClock
 from server.commissioning import service
 from server.core.db import Database
@@ -86,12 +87,14 @@ async def ready_plan(world: World, staff: httpx.AsyncClient, customer: httpx.Asy
     return int(plan["id"])
 
 
-async def remote_run(world: World, db: Database, plan_id: int) -> None:
+async def remote_run(world: World, db: Database, plan_id: int,
+                     devices: Sequence[DeviceSettings] = ()) -> None:
     """The server's request, the agent's runner, the server's recording of the answer."""
     async with db.session() as session:
         run, request = await service.start_run(session, plan_id, actor="eng",
                                                now=world.clock())
-    runner = CommissioningRunner(clock=ManualClock(world.clock()))  # the site's clock in sync
+    runner = CommissioningRunner(clock=ManualClock(world.clock()),  # the site's clock in sync
+                                 devices=devices)
     outcome = await runner.run(request)
     async with db.session() as session:
         await service.record_outcome(session, request.run_id or 0, outcome, now=world.clock())
@@ -174,7 +177,10 @@ async def test_onsite_and_remote_results_in_one_report_and_fleet_registration(
         onsite_items = {s: [i["name"] for i in items if i["where"] == "onsite"]
                         for s, items in plan["checklist"].items()}
         assert "earthing" in onsite_items["EMU-BS"]
-        await remote_run(world, db, plan_id)
+        host, port, unit_id = sim.where(5)
+        named = DeviceSettings(name="bs-east", protocol="modbus-tcp", profile="EMU-BS",
+                               host=host, port=port, unit_id=unit_id)
+        await remote_run(world, db, plan_id, devices=[named])
         before = units_by_serial((await staff.get(f"{API}/plans/{plan_id}/report")).json())
         assert before[serial_of(sim, 1)]["status"] == "incomplete"
         assert "earthing" in before[serial_of(sim, 1)]["pending"]
@@ -204,10 +210,12 @@ async def test_onsite_and_remote_results_in_one_report_and_fleet_registration(
         async with db.session() as session:
             fleet = (await session.exec(
                 select(Unit).where(Unit.site_id == world.own.site_id))).all()
-        registered = {u.serial: u for u in fleet if u.device.startswith("EMU-")}
+        registered = {u.serial: u for u in fleet if u.serial and u.serial.startswith("EMU-")}
         assert set(registered) == {serial_of(sim, 1), serial_of(sim, 5)}
         unit = registered[serial_of(sim, 5)]
-        assert (unit.series, unit.model, unit.firmware) == ("EMU-BS", "EMU-BS100", "1.0.0")
+        assert (unit.device, unit.series, unit.model, unit.firmware) == (
+            "bs-east", "EMU-BS", "EMU-BS100", "1.0.0")  # the agent's name for its address
+        assert registered[serial_of(sim, 1)].device == serial_of(sim, 1)
 
 
 async def test_plan_document_versions_scoping_and_roles(
