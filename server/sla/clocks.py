@@ -51,6 +51,13 @@ async def terms_for(session: AsyncSession, site: Site) -> SlaTerms:
     return resolve_terms(_server_terms, contract.terms if contract else None, site_layer)
 
 
+async def check_terms(session: AsyncSession, site: Site, class_key: str) -> None:
+    """Raise SlaConfigError now if the site's terms for `class_key` cannot start clocks."""
+    terms = await terms_for(session, site)
+    calendar_from_spec(terms.calendar_spec(terms.for_class(class_key).calendar,
+                                           site.timezone or "UTC"))
+
+
 async def start_clocks(session: AsyncSession, ticket_id: int, site: Site, class_key: str,
                        *, now: datetime, kinds: tuple[str, ...] | None = None) -> list[SlaClock]:
     """Start the clocks of class `class_key` (all, or only `kinds`) from `now`."""

@@ -22,6 +22,7 @@ from protocols.clock import Clock, SystemClock
 from server.faults.engine import FaultEngine
 from server.models import Fault, Site
 from server.sla.config import SlaSettings
+from server.sla.errors import SlaConfigError
 from server.tickets import service
 from server.tickets import states as st
 from server.tickets.models import Ticket, TicketLink
@@ -53,10 +54,14 @@ class FaultTickets:
         await self._lock_site(session, fault.site_id)
         ticket = await self._incident(session, fault)
         if ticket is None:
-            ticket = await service.open_ticket(
-                session, site_id=fault.site_id, source="fault", title=fault.title,
-                fault_class=fault.fault_class, unit_ids=[fault.unit_id],
-                description=f"fault {fault.code} on unit {fault.unit_id}", now=now)
+            try:
+                ticket = await service.open_ticket(
+                    session, site_id=fault.site_id, source="fault", title=fault.title,
+                    fault_class=fault.fault_class, unit_ids=[fault.unit_id],
+                    description=f"fault {fault.code} on unit {fault.unit_id}", now=now)
+            except SlaConfigError as exc:  # never let a bad SLA policy stop ingest
+                log.error("no ticket for fault %s at site %s: %s", fault.id, fault.site_id, exc)
+                return
         else:
             await self._join(session, ticket, fault, now)
         await service.link(session, require_id(ticket.id), "fault", require_id(fault.id), now=now)

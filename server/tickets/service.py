@@ -80,6 +80,8 @@ async def open_ticket(
         )).all()
         if len(found) != len(units):
             raise TicketInputError("unit_ids must name units of the ticket's site")
+    class_key = _class_key(source, fault_class)
+    await clocks.check_terms(session, site, class_key)  # before anything is written
     ticket = Ticket(site_id=site_id, org_id=site.org_id, source=source,
                     fault_class=fault_class, title=title[:200], description=description,
                     unit_ids=units, created_by=actor, created_at=now, updated_at=now)
@@ -88,7 +90,7 @@ async def open_ticket(
     ticket_id = require_id(ticket.id)
     await record(session, ticket_id, "opened", title, actor=actor,
                  detail={"source": source, "fault_class": fault_class}, now=now)
-    await clocks.start_clocks(session, ticket_id, site, _class_key(source, fault_class), now=now)
+    await clocks.start_clocks(session, ticket_id, site, class_key, now=now)
     return ticket
 
 

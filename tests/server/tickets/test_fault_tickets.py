@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlmodel import col, select
 
 from protocols.clock import ManualClock
@@ -97,3 +98,12 @@ async def test_c_and_d_faults_follow_the_policy(db: Database, make_site: MakeSit
     assert await _tickets(db, quiet) == []
     await _fault(db, quiet, "u1", "tripped", "A", T0, none)
     assert [c for c, _, _ in await _tickets(db, quiet)] == ["A"]
+
+
+async def test_a_bad_sla_policy_does_not_stop_the_fault(
+        db: Database, make_site: MakeSite, caplog: pytest.LogCaptureFixture) -> None:
+    site = await make_site(units=("u1",), policy={"sla": {"hours": {"country": "XX"}}})
+    hook = FaultTickets(SlaSettings())
+    await _fault(db, site, "u1", "derating", "C", T0, hook)  # C/D: business-hours calendar
+    assert await _tickets(db, site) == []
+    assert "no public holidays known for 'XX'" in caplog.text
