@@ -89,6 +89,8 @@ TimeZone = Annotated[str, StringConstraints(max_length=64), AfterValidator(_time
 Policy = Annotated[dict[str, Any], AfterValidator(_json_without_nul)]
 Latitude = Annotated[float, PydanticField(ge=-90, le=90, description="WGS 84 (map)")]
 Longitude = Annotated[float, PydanticField(ge=-180, le=180, description="WGS 84 (map)")]
+Plain = Annotated[str, AfterValidator(_no_nul)]
+"""Any text without NUL characters (PostgreSQL refuses them)."""
 Id = Annotated[int, PydanticField(ge=1, le=MAX_ID)]
 UTCTime = Annotated[datetime, AfterValidator(as_utc)]
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Depends, Path, Query
 from sqlmodel import col, select
 
 from server.api.deps import AdminUser, SessionDep, StaffUser
+from server.schemas import Plain
 from server.tickets import parts
 from server.tickets.models import Part, PartStock
-from server.tickets.schemas import PartCreate, PartPublic, StockSet
+from server.tickets.schemas import PART_NO, PartCreate, PartPublic, StockSet
 from server.tickets.service import require_id
 
 router = APIRouter(prefix="/parts", tags=["parts"])
 
-PartNo = Annotated[str, Path(min_length=1, max_length=64)]
-Depot = Annotated[str, Path(min_length=1, max_length=64)]
+PartNo = Annotated[str, Path(pattern=PART_NO)]
 
 
 async def _public(session: SessionDep, rows: list[Part]) -> list[PartPublic]:
@@ -33,7 +33,7 @@ async def _public(session: SessionDep, rows: list[Part]) -> list[PartPublic]:
 
 @router.get("", response_model=list[PartPublic])
 async def list_parts(session: SessionDep, _user: StaffUser,
-                     series: Annotated[str | None, Query(max_length=32)] = None
+                     series: Annotated[Plain | None, Query(max_length=32)] = None
                      ) -> list[PartPublic]:
     """The catalogue (of one series) with stock per depot."""
     stmt = select(Part).order_by(col(Part.series), col(Part.part_no))
@@ -51,10 +51,16 @@ async def create_part(session: SessionDep, _admin: AdminUser, body: PartCreate) 
     return (await _public(session, [part]))[0]
 
 
-@router.put("/{part_no}/stock/{depot}", response_model=PartPublic)
-async def set_stock(session: SessionDep, _admin: AdminUser, part_no: PartNo, depot: Depot,
-                    body: StockSet) -> PartPublic:
-    """Record a stock count at a depot (admin)."""
-    await parts.set_stock(session, part_no=part_no, depot=depot, quantity=body.quantity)
+async def existing_part(session: SessionDep, part_no: PartNo) -> Part:
+    """The part of the path (404 before any body is read)."""
+    return await parts.get_part(session, part_no)
+
+
+@router.put("/{part_no}/stock", response_model=PartPublic)
+async def set_stock(session: SessionDep, _admin: AdminUser,
+                    part: Annotated[Part, Depends(existing_part)], body: StockSet) -> PartPublic:
+    """Record a stock count at a depot (admin); a new depot starts with this count."""
+    await parts.set_stock(session, part_no=part.part_no, depot=body.depot,
+                          quantity=body.quantity)
     await session.commit()
-    return (await _public(session, [await parts.get_part(session, part_no)]))[0]
+    return (await _public(session, [part]))[0]

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse
 from sqlmodel import select
 
-from server.api.deps import AdminUser, CurrentUser, IdPath, NowDep, SessionDep, StaffUser
+from server.api.deps import (
+    AdminUser,
+    CurrentUser,
+    IdPath,
+    IdQuery,
+    NowDep,
+    SessionDep,
+    StaffUser,
+)
 from server.core.security import STAFF
 from server.errors import NotFound
 from server.models import Organisation
@@ -25,7 +33,7 @@ Month = Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YY
 
 @router.get("/report", response_model=None)
 async def report(session: SessionDep, user: CurrentUser, month: Month,
-                 org_id: Annotated[int | None, Query(ge=1)] = None,
+                 org_id: IdQuery = None,
                  format: Literal["json", "csv"] = "json",
                  ) -> dict[str, Any] | PlainTextResponse:
     """Compliance per class and customer, MTTA, MTTR and breaches of `month` (customers:
@@ -38,20 +46,28 @@ async def report(session: SessionDep, user: CurrentUser, month: Month,
     return result.as_dict()
 
 
+async def existing_org(session: SessionDep, org_id: IdPath) -> int:
+    """The organisation of the path (404 before any body is read)."""
+    if await session.get(Organisation, org_id) is None:
+        raise NotFound(f"organisation {org_id} not found")
+    return org_id
+
+
+OrgDep = Annotated[int, Depends(existing_org)]
+
+
 @router.get("/contracts/{org_id}", response_model=ContractTerms)
-async def get_contract(session: SessionDep, _user: StaffUser, org_id: IdPath) -> ContractTerms:
+async def get_contract(session: SessionDep, _user: StaffUser, org_id: OrgDep) -> ContractTerms:
     """The organisation's own terms (empty: the defaults apply)."""
     row = (await session.exec(select(SlaContract).where(SlaContract.org_id == org_id))).first()
     return ContractTerms(terms=row.terms if row else {})
 
 
 @router.put("/contracts/{org_id}", response_model=ContractTerms)
-async def put_contract(session: SessionDep, _admin: AdminUser, now: NowDep, org_id: IdPath,
+async def put_contract(session: SessionDep, _admin: AdminUser, now: NowDep, org_id: OrgDep,
                        body: ContractTerms) -> ContractTerms:
     """Set the organisation's terms (validated; new clocks follow them, running ones keep
     the terms they started with)."""
-    if await session.get(Organisation, org_id) is None:
-        raise NotFound(f"organisation {org_id} not found")
     resolve_terms(server_terms(), body.terms)
     row = (await session.exec(select(SlaContract).where(SlaContract.org_id == org_id))).first()
     if row is None:

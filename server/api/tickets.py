@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -29,7 +29,7 @@ from server.api.deps import (
 from server.core.security import STAFF, visible_sites
 from server.errors import Forbidden, InvalidInput, NotFound
 from server.models import Site, Unit, User
-from server.schemas import FaultClass, Page
+from server.schemas import FaultClass, Page, Plain
 from server.sla import clocks as sla_clocks
 from server.tickets import parts, service
 from server.tickets import states as st
@@ -54,6 +54,7 @@ from server.tickets.schemas import (
     TicketPublic,
     TransitionRequest,
 )
+from server.tickets.service import require_id
 
 router = APIRouter(prefix="/tickets", tags=["tickets"])
 
@@ -77,8 +78,13 @@ async def _detail(session: AsyncSession, ticket: Ticket) -> TicketDetail:
         parts=[ReservationPublic.model_validate(r) for r in reserved])
 
 
-async def _visible(session: AsyncSession, user: User, ticket_id: int) -> Ticket:
+async def visible_ticket(session: SessionDep, user: CurrentUser, ticket_id: IdPath) -> Ticket:
+    """The ticket of the path if the caller may see it (404 otherwise), checked before the
+    body is read so that a missing ticket is 404 whatever the body."""
     return await get_visible(session, user, Ticket, ticket_id, col(Ticket.site_id))
+
+
+TicketDep = Annotated[Ticket, Depends(visible_ticket)]
 
 
 @router.get("", response_model=Page[TicketPublic])
@@ -91,7 +97,7 @@ async def list_tickets(
     site_id: IdQuery = None,
     org_id: IdQuery = None,
     source: SourceQuery = None,
-    assignee: Annotated[str | None, Query(max_length=100)] = None,
+    assignee: Annotated[Plain | None, Query(max_length=100)] = None,
     open_only: Annotated[bool, Query(alias="open", description="only open tickets")] = False,
 ) -> Page[Ticket]:
     """Tickets of the sites the caller may see, newest first; filters combine."""
@@ -116,9 +122,9 @@ async def list_tickets(
 
 
 @router.get("/{ticket_id}", response_model=TicketDetail)
-async def get_ticket(session: SessionDep, user: CurrentUser, ticket_id: IdPath) -> TicketDetail:
+async def get_ticket(session: SessionDep, user: CurrentUser, ticket: TicketDep) -> TicketDetail:
     """One ticket with its timeline, links, SLA clocks and parts."""
-    return await _detail(session, await _visible(session, user, ticket_id))
+    return await _detail(session, ticket)
 
 
 @router.post("", response_model=TicketDetail, status_code=201)
@@ -142,10 +148,10 @@ async def create_ticket(session: SessionDep, user: CurrentUser, now: NowDep,
 
 
 @router.post("/{ticket_id}/comments", response_model=EventPublic, status_code=201)
-async def comment(session: SessionDep, user: CurrentUser, now: NowDep, ticket_id: IdPath,
+async def comment(session: SessionDep, user: CurrentUser, now: NowDep, ticket: TicketDep,
                   body: CommentCreate) -> TicketEvent:
     """Add a comment to the timeline (customers on their own tickets too)."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     if not body.text.strip():
         raise InvalidInput("a comment needs text")
     event = await service.record(session, ticket_id, "comment", body.text, actor=user.name,
@@ -160,20 +166,20 @@ async def _done(session: AsyncSession, ticket_id: int) -> TicketDetail:
 
 
 @router.post("/{ticket_id}/transition", response_model=TicketDetail)
-async def transition(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def transition(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                      body: TransitionRequest) -> TicketDetail:
     """Move the state (409 for a move the state machine forbids)."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     await service.transition(session, ticket_id, body.state, actor=user.name, note=body.note,
                              now=now)
     return await _done(session, ticket_id)
 
 
 @router.post("/{ticket_id}/assign", response_model=TicketDetail)
-async def assign(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def assign(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                  body: AssignRequest) -> TicketDetail:
     """Give the ticket to an engineer."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     if body.assignee is not None and (await session.exec(
             select(User).where(User.name == body.assignee))).first() is None:
         raise InvalidInput(f"no user {body.assignee!r}")
@@ -182,19 +188,19 @@ async def assign(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: I
 
 
 @router.post("/{ticket_id}/class", response_model=TicketDetail)
-async def set_class(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def set_class(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                     body: ClassRequest) -> TicketDetail:
     """Set or change the fault class (the new class's clocks start now)."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     await service.classify(session, ticket_id, body.fault_class, actor=user.name, now=now)
     return await _done(session, ticket_id)
 
 
 @router.post("/{ticket_id}/diagnosis", response_model=TicketDetail)
-async def diagnosis(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def diagnosis(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                     body: DiagnosisRequest) -> TicketDetail:
     """Record the diagnosis and the proposed solution (meets the processing clock)."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     await service.set_diagnosis(session, ticket_id, diagnosis=body.diagnosis,
                                 proposed_solution=body.proposed_solution, actor=user.name,
                                 now=now)
@@ -202,21 +208,21 @@ async def diagnosis(session: SessionDep, user: StaffUser, now: NowDep, ticket_id
 
 
 @router.post("/{ticket_id}/phone", response_model=TicketDetail)
-async def phone(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def phone(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                 body: PhoneRequest) -> TicketDetail:
     """Record telephone support: `solved` resolves; `needs_remote_support` leaves the ticket
     in progress for a remote-session request (which asks the customer's consent)."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     await service.phone_support(session, ticket_id, notes=body.notes, outcome=body.outcome,
                                 actor=user.name, now=now)
     return await _done(session, ticket_id)
 
 
 @router.post("/{ticket_id}/links", response_model=LinkPublic, status_code=201)
-async def add_link(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def add_link(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                    body: LinkCreate) -> TicketLink:
     """Link a fault, session, release (`SERIES/VERSION`), part, plan or commissioning."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     row = await service.link(session, ticket_id, body.kind, body.ref, state=body.state,
                              actor=user.name, now=now)
     await session.commit()
@@ -225,9 +231,9 @@ async def add_link(session: SessionDep, user: StaffUser, now: NowDep, ticket_id:
 
 @router.post("/{ticket_id}/links/{link_id}/installed", response_model=TicketDetail)
 async def release_link_installed(session: SessionDep, user: StaffUser, now: NowDep,
-                                 ticket_id: IdPath, link_id: IdPath) -> TicketDetail:
+                                 ticket: TicketDep, link_id: IdPath) -> TicketDetail:
     """Mark a release link installed at the ticket's site: the C/D tickets it fixes close."""
-    ticket = await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     row = await session.get(TicketLink, link_id)
     if row is None or row.ticket_id != ticket_id or row.kind != "release":
         raise NotFound(f"ticket {ticket_id} has no release link {link_id}")
@@ -239,28 +245,28 @@ async def release_link_installed(session: SessionDep, user: StaffUser, now: NowD
 
 
 @router.post("/{ticket_id}/pause", response_model=TicketDetail)
-async def pause(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def pause(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                 body: PauseRequest) -> TicketDetail:
     """Stop the clocks while waiting on the customer (consent, window, personnel)."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     await service.pause_clocks(session, ticket_id, body.reason, now=now)
     return await _done(session, ticket_id)
 
 
 @router.post("/{ticket_id}/resume", response_model=TicketDetail)
-async def resume(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def resume(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                  body: PauseRequest) -> TicketDetail:
     """Let the clocks run again (once no other pause holds them)."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     await service.resume_clocks(session, ticket_id, body.reason, now=now)
     return await _done(session, ticket_id)
 
 
 @router.post("/{ticket_id}/breach-cause", response_model=EventPublic, status_code=201)
-async def breach_cause(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def breach_cause(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                        body: BreachCause) -> TicketEvent:
     """Say why a clock ran out; the SLA report shows it."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     event = await service.record(session, ticket_id, "breach_cause", body.cause,
                                  actor=user.name, detail={"clock": body.clock}, now=now)
     await session.commit()
@@ -268,10 +274,10 @@ async def breach_cause(session: SessionDep, user: StaffUser, now: NowDep, ticket
 
 
 @router.post("/{ticket_id}/parts", response_model=ReservationPublic, status_code=201)
-async def reserve_part(session: SessionDep, user: StaffUser, now: NowDep, ticket_id: IdPath,
+async def reserve_part(session: SessionDep, user: StaffUser, now: NowDep, ticket: TicketDep,
                        body: ReserveRequest) -> PartReservation:
     """Reserve a spare part (back-ordered, with a warning for A/B, when none is in stock)."""
-    await _visible(session, user, ticket_id)
+    ticket_id = require_id(ticket.id)
     row = await parts.reserve(session, ticket_id, part_no=body.part_no, quantity=body.quantity,
                               depot=body.depot, actor=user.name, now=now)
     await session.commit()

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.schemas import FaultClass, Id
+from server.schemas import FaultClass, Id, Plain, Policy
 
 Source = Literal["phone", "portal", "upgrade_request"]
 State = Literal["new", "acknowledged", "in_progress", "waiting_on_customer", "awaiting_release",
@@ -19,6 +19,8 @@ ClockKind = Literal["response", "processing", "resolution", "delivery"]
 
 Text = Field(default="", max_length=20000)
 _STRICT = ConfigDict(extra="forbid")
+PART_NO = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A part number: letters, digits, dot, dash, underscore; 64 at most."""
 
 
 class TicketPublic(BaseModel):
@@ -117,8 +119,8 @@ class TicketCreate(BaseModel):
     model_config = _STRICT
 
     site_id: Id
-    title: str = Field(min_length=1, max_length=200)
-    description: str = Text
+    title: Plain = Field(min_length=1, max_length=200)
+    description: Plain = Text
     source: Source = "portal"
     fault_class: FaultClass | None = None
     unit_ids: list[Id] = Field(default_factory=list, max_length=100)
@@ -129,7 +131,7 @@ class CommentCreate(BaseModel):
 
     model_config = _STRICT
 
-    text: str = Field(default="", max_length=20000)
+    text: Plain = Field(default="", max_length=20000)
 
 
 class TransitionRequest(BaseModel):
@@ -138,7 +140,7 @@ class TransitionRequest(BaseModel):
     model_config = _STRICT
 
     state: State
-    note: str = Text
+    note: Plain = Text
 
 
 class AssignRequest(BaseModel):
@@ -146,7 +148,7 @@ class AssignRequest(BaseModel):
 
     model_config = _STRICT
 
-    assignee: str | None = Field(default=None, max_length=100)
+    assignee: Plain | None = Field(default=None, max_length=100)
 
 
 class ClassRequest(BaseModel):
@@ -162,8 +164,8 @@ class DiagnosisRequest(BaseModel):
 
     model_config = _STRICT
 
-    diagnosis: str = Field(min_length=1, max_length=20000)
-    proposed_solution: str = Field(min_length=1, max_length=20000)
+    diagnosis: Plain = Field(min_length=1, max_length=20000)
+    proposed_solution: Plain = Field(min_length=1, max_length=20000)
 
 
 class PhoneRequest(BaseModel):
@@ -171,7 +173,7 @@ class PhoneRequest(BaseModel):
 
     model_config = _STRICT
 
-    notes: str = Field(min_length=1, max_length=20000)
+    notes: Plain = Field(min_length=1, max_length=20000)
     outcome: Outcome
 
 
@@ -181,8 +183,8 @@ class LinkCreate(BaseModel):
     model_config = _STRICT
 
     kind: LinkKind
-    ref: str = Field(min_length=1, max_length=128)
-    state: str | None = Field(default=None, max_length=20)
+    ref: Plain = Field(min_length=1, max_length=128)
+    state: Plain | None = Field(default=None, max_length=20)
 
 
 class PauseRequest(BaseModel):
@@ -199,7 +201,7 @@ class BreachCause(BaseModel):
     model_config = _STRICT
 
     clock: ClockKind
-    cause: str = Field(min_length=1, max_length=2000)
+    cause: Plain = Field(min_length=1, max_length=2000)
 
 
 class PartCreate(BaseModel):
@@ -207,9 +209,9 @@ class PartCreate(BaseModel):
 
     model_config = _STRICT
 
-    part_no: str = Field(min_length=1, max_length=64)
-    series: str = Field(min_length=1, max_length=32)
-    name: str = Field(min_length=1, max_length=200)
+    part_no: str = Field(pattern=PART_NO)
+    series: Plain = Field(min_length=1, max_length=32)
+    name: Plain = Field(min_length=1, max_length=200)
 
 
 class StockSet(BaseModel):
@@ -217,6 +219,7 @@ class StockSet(BaseModel):
 
     model_config = _STRICT
 
+    depot: Plain = Field(min_length=1, max_length=64)
     quantity: int = Field(ge=0, le=1_000_000)
 
 
@@ -225,9 +228,9 @@ class ReserveRequest(BaseModel):
 
     model_config = _STRICT
 
-    part_no: str = Field(min_length=1, max_length=64)
+    part_no: Plain = Field(min_length=1, max_length=64)
     quantity: int = Field(default=1, ge=1, le=10000)
-    depot: str | None = Field(default=None, max_length=64)
+    depot: Plain | None = Field(default=None, max_length=64)
 
 
 class PartPublic(BaseModel):
@@ -245,4 +248,4 @@ class ContractTerms(BaseModel):
 
     model_config = _STRICT
 
-    terms: dict[str, Any]
+    terms: Policy

@@ -39,6 +39,7 @@ from server.models import (
     User,
 )
 from server.tickets import service as tickets
+from server.tickets.models import Part
 from tests.support.commissioning_site import seed_plan
 from tests.support.net import free_tcp_port
 
@@ -201,6 +202,7 @@ async def _seed_org(session: AsyncSession, label: str) -> OrgWorld:
                               f"EMU-BS/{marker}", now=NOW - timedelta(minutes=14))
     session_id, recording_id = await _seed_remote_session(
         session, site.id, tickets.require_id(ticket.id), user_id, marker)
+    session.add(Part(part_no=f"part-{marker}", series="EMU-BS", name=f"part {marker}"))
     return OrgWorld(
         session_id=session_id, recording_id=recording_id,
         marker=marker, org_id=org.id, site_id=site.id, site_code=site.code, agent_id=agent.id,

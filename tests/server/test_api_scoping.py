@@ -100,7 +100,7 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("post", "/api/v1/tickets/{ticket_id}/transition"): "admin",
     ("get", "/api/v1/parts"): "admin",
     ("post", "/api/v1/parts"): "admin",
-    ("put", "/api/v1/parts/{part_no}/stock/{depot}"): "admin",
+    ("put", "/api/v1/parts/{part_no}/stock"): "admin",
     ("get", "/api/v1/sla/report"): "scoped",
     ("get", "/api/v1/sla/contracts/{org_id}"): "admin",
     ("put", "/api/v1/sla/contracts/{org_id}"): "admin",
@@ -146,7 +146,6 @@ def path_values(org: OrgWorld) -> dict[str, int | str]:
         "event_id": org.event_id, "user_id": org.user_id, "token_id": org.token_id,
         "command_id": "00000000-0000-4000-8000-000000000001",
         "ticket_id": org.ticket_id, "link_id": org.link_id, "part_no": f"part-{org.marker}",
-        "depot": "depot",
         "session_id": org.session_id, "recording_id": org.recording_id, "key_id": 1,
         "plan_id": org.plan_id,
     }

@@ -110,8 +110,8 @@ async def test_parts_reserve_then_backorder_warns_for_a_and_b(world: World, db: 
             client_for(world.app, world.engineer_token) as eng:
         _ok(await admin.post("/api/v1/parts", json={
             "part_no": part_no, "series": "EMU-BS", "name": "DC contactor"}), 201)
-        part = _ok(await admin.put(f"/api/v1/parts/{part_no}/stock/shanghai",
-                                   json={"quantity": 1}))
+        part = _ok(await admin.put(f"/api/v1/parts/{part_no}/stock",
+                                   json={"depot": "shanghai", "quantity": 1}))
         assert part["stock"] == {"shanghai": 1}
         assert (await eng.post("/api/v1/parts", json={
             "part_no": "x", "series": "EMU-BS", "name": "x"})).status_code == 403
