@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import getpass
 import json
 import logging
 import os
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -393,6 +396,12 @@ class Tunnel:
         return splice.a
 
 
+def _set_size(fd: int, cols: int, rows: int) -> None:
+    """Tell a pty its window size."""
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
 class AgentShell:
     """The shell end of a forwarded channel: frames in, a restricted shell process, frames out."""
 
@@ -404,6 +413,8 @@ class AgentShell:
         self.task: asyncio.Task[None] | None = None
         self.pending: list[bytes] = []
         self.stdin_eof = False
+        self.master: int | None = None
+        """The pty's controlling side, when the engineer asked for a terminal."""
 
     def connection_made(self, chan: Any) -> None:
         """The gateway opened the channel."""
@@ -429,8 +440,15 @@ class AgentShell:
             elif frame.type is FrameType.STDIN_EOF:
                 self.stdin_eof = True
                 self._stdin(b"")
+            elif frame.type is FrameType.WINDOW and self.master is not None:
+                size = frame.json()
+                _set_size(self.master, int(size.get("cols", 80)), int(size.get("rows", 24)))
 
     def _stdin(self, data: bytes) -> None:
+        if self.master is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.master, data if data else b"\x04")
+            return
         proc = self.proc
         if proc is None or proc.stdin is None:
             if data:
@@ -453,6 +471,9 @@ class AgentShell:
                "EMU_SESSION": self.tunnel.grant.session, "LANG": "C.UTF-8"}
         status = 255
         try:
+            if request.get("term"):
+                status = await self._run_pty(argv, home, env, request)
+                return
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, cwd=home, env=env, start_new_session=True)
@@ -471,6 +492,52 @@ class AgentShell:
             if self.chan is not None:
                 self.chan.close()
             self.tunnel.shells.discard(self)
+
+    async def _run_pty(self, argv: list[str], home: Path, env: dict[str, str],
+                       request: dict[str, Any]) -> int:
+        """Run the shell on a pseudo-terminal (interactive `ssh` asks for one)."""
+        master, slave = os.openpty()
+        _set_size(master, int(request.get("cols") or 80), int(request.get("rows") or 24))
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=slave, stdout=slave, stderr=slave, cwd=home, env=env,
+                start_new_session=True)
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        self.master = master
+        loop = asyncio.get_running_loop()
+        drained = loop.create_future()
+
+        def readable() -> None:
+            try:
+                data = os.read(master, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EIO: the shell side of the pty is gone
+                data = b""
+            if not data:
+                loop.remove_reader(master)
+                if not drained.done():
+                    drained.set_result(None)
+                return
+            for frame in data_frames(FrameType.STDOUT, data):
+                self._send(frame)
+
+        loop.add_reader(master, readable)
+        try:
+            for chunk in self.pending:
+                self._stdin(chunk)
+            self.pending.clear()
+            status = await self.proc.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await drained
+        finally:
+            loop.remove_reader(master)
+            self.master = None
+            os.close(master)
+        return status
 
     async def _pump(self, stream: asyncio.StreamReader | None, kind: FrameType) -> None:
         if stream is None:

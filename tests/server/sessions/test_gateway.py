@@ -182,3 +182,15 @@ async def test_onsite_policy_technician_approves_at_the_gateway(
         assert row.decided_by == "onsite:tech-anna"
         rc, out, _ = await rig.ssh(session, "echo", "ok")
         assert (rc, out) == (0, "ok\n")
+
+
+async def test_interactive_shell_gets_a_terminal(rig: Rig) -> None:
+    session = await approved(rig, gateway_shell=True, units=())
+    proc = await asyncio.create_subprocess_exec(
+        *rig.ssh_args(session, "-tt"), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    rig.procs.append(proc)
+    out, _ = await wait_for(proc.communicate(b"tty -s && echo on-a-pty-$((40+2))\nexit 3\n"),
+                            20.0, "the interactive shell to finish")
+    assert "on-a-pty-42" in out.decode(errors="replace")
+    assert proc.returncode == 3
