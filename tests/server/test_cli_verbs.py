@@ -222,3 +222,25 @@ def test_parse_since() -> None:
     assert parse_since("1w", NOW) == NOW - timedelta(weeks=1)
     assert parse_since("2031-03-14T11:00:00", NOW) == NOW - timedelta(hours=1)
     assert parse_since("2031-03-14T12:00:00+01:00", NOW) == NOW - timedelta(hours=1)
+
+
+async def test_session_verbs(world: World, server_url: str) -> None:
+    sid = world.own.session_id
+    listed = await run(["session", "list", *auth(server_url, world.own.token)])
+    assert listed.exit_code == 0, listed.output
+    assert sid in listed.output
+    other = await run(["session", "list", *auth(server_url, world.other.token)])
+    assert sid not in other.output
+    connect = await run(["session", "connect", sid, *auth(server_url, world.engineer_token)])
+    assert connect.exit_code == 0, connect.output
+    assert f"-p 2222 {sid}@127.0.0.1" in connect.output
+    refused = await run(["session", "approve", sid, *auth(server_url, world.other.token)])
+    assert refused.exit_code == 1
+    assert "404" in refused.output
+    denied = await run(["session", "deny", sid, "--note", "not now",
+                        *auth(server_url, world.own.token)])
+    assert denied.exit_code == 0, denied.output
+    assert "denied" in denied.output
+    usage = await run(["session", "request", "1", "--reason", "x",
+                       *auth(server_url, world.engineer_token)])
+    assert usage.exit_code == 2  # neither --shell nor --unit
