@@ -194,3 +194,19 @@ async def test_interactive_shell_gets_a_terminal(rig: Rig) -> None:
                             20.0, "the interactive shell to finish")
     assert "on-a-pty-42" in out.decode(errors="replace")
     assert proc.returncode == 3
+
+
+async def test_closing_the_ticket_ends_the_session(rig: Rig) -> None:
+    from server.tickets import service as tickets
+
+    session = await approved(rig, gateway_shell=True, units=())
+    proc = await rig.spawn_ssh(session, "sleep", "60")
+    await wait_for(lambda: bool(rig.gateway.live.get(session)
+                                and rig.gateway.live[session].shells), 10.0, "the shell to open")
+    async with rig.db.session() as s:
+        await tickets.transition(s, rig.ticket_id, "closed", actor="engineer",
+                                 now=rig.clock.now())
+    await wait_for(proc.wait(), 5.0, "the connection to drop when the ticket closes")
+    row = await rig.row(session)
+    assert row.state == "closed"
+    assert row.end_reason == "the ticket was closed"
