@@ -63,7 +63,7 @@ STEP_S = float(os.environ.get("EMU_BENCH_FLEET_NEXT_STEP_S", "30"))
 MULTIPLIERS = tuple(float(m) for m in
                     os.environ.get("EMU_BENCH_FLEET_MULTIPLIERS", "1,2,3,4,6,8").split(","))
 KNEE_P99_S = 2.0
-STOP_P99_S = 10.0
+STOP_P99_S = float(os.environ.get("EMU_BENCH_FLEET_STOP_P99_S", "10"))
 WARMUP_DEADLINE_S = 1200.0
 DRAIN_DEADLINE_S = 90.0
 RAW_ROWS = 2_000_000
