@@ -283,3 +283,58 @@ async def test_plan_with_a_ticket_is_linked_and_noted_on_its_timeline(
     refused = await staff.post(f"{API}/plans", json=elsewhere)
     assert refused.status_code == 422
     assert "is not of site" in refused.json()["detail"]
+
+
+async def test_agent_answers_progress_error_and_expiry_mark_the_run(
+    world: World, db: Database, staff: httpx.AsyncClient, customer: httpx.AsyncClient
+) -> None:
+    import uuid
+    from types import SimpleNamespace
+
+    from protocols.clock import ManualClock as Clock
+    from protocols.messages import AckResult, CommandAck
+    from server.commands.models import CommandRecord
+    from server.commissioning import channel
+    from server.commissioning.models import CommissioningRun
+
+    async with site(units=3) as sim:
+        plan_id = await ready_plan(world, staff, customer, plan_body(world, sim, [1], [2]))
+    commands: Any = SimpleNamespace(clock=Clock(world.clock()))
+    ids = []
+    for _ in range(2):
+        command_id = uuid.uuid4()
+        async with db.session() as session:
+            run, _request = await service.start_run(session, plan_id, actor="eng",
+                                                    now=world.clock())
+            run.command_id = str(command_id)
+            session.add(run)
+        ids.append((run.id, command_id))
+    (failing, failing_cmd), (stale, stale_cmd) = ids
+
+    def ack(command_id: uuid.UUID, result: AckResult, **detail: Any) -> CommandAck:
+        return CommandAck(command_id=command_id, agent="a", ts=world.clock(), result=result,
+                          detail=detail)
+
+    def record(command_id: uuid.UUID) -> CommandRecord:
+        return CommandRecord(id=str(command_id), site_id=world.own.site_id, kind="x",
+                             payload="", issued_at=world.clock(), expires_at=world.clock())
+
+    async with db.session() as session:
+        await channel.on_answer(commands, session, record(failing_cmd),
+                                ack(failing_cmd, AckResult.PROGRESS, probed=10, of=20))
+    async with db.session() as session:
+        running = await session.get(CommissioningRun, failing)
+        assert running is not None
+        assert running.progress == {"probed": 10, "of": 20}
+        await channel.on_answer(commands, session, record(failing_cmd),
+                                ack(failing_cmd, AckResult.REJECTED, error="bad targets"))
+        await channel.on_expired(commands, session, record(stale_cmd))
+    async with db.session() as session:
+        first = await session.get(CommissioningRun, failing)
+        second = await session.get(CommissioningRun, stale)
+    assert first is not None
+    assert second is not None
+    assert (first.state, first.error) == ("failed", "bad targets")
+    assert (second.state, second.error) == ("failed", "the agent did not answer in time")
+    runs = (await staff.get(f"{API}/plans/{plan_id}/runs")).json()
+    assert [r["state"] for r in runs] == ["failed", "failed"]
