@@ -86,8 +86,8 @@ async def _server(tmp: Path, name: str, url: str, broker: BrokerInfo, group: str
         f'database_url = "{url}"\nroles = {roles!r}\nsecret_key = "{new_password()}"\n'
         f"migrate_on_start = {'true' if migrate else 'false'}\n"
         f'[http]\nhost = "{LOOPBACK}"\nport = 0\n'
-        f'[mqtt]\nurl = "{broker.url}"\nshared_group = "{group}"\n'
-        f'client_id = "{group}-{name}"\n'.replace("'", '"'), encoding="utf-8")
+        f'[mqtt]\nurl = "{broker.url}"\nshared_group = "{group}"\n'.replace("'", '"'),
+        encoding="utf-8")  # no client_id: no persistent session left on a shared broker
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "emu", "server", "-c", str(conf), "-v",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
