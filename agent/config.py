@@ -14,7 +14,7 @@ from pydantic_settings import SettingsConfigDict
 
 from emu.settings import FileSettings, MqttEndpoint, Section, load_settings
 from protocols.errors import SignatureError, TopicError
-from protocols.signing import load_public_key
+from protocols.signing import load_public_key, load_public_keys
 from protocols.topics import validate_site
 
 
@@ -117,6 +117,24 @@ class CommandSettings(Section):
         return ((self.server_key,) if self.server_key else ()) + self.extra_server_keys
 
 
+class AgentUpgradeSettings(Section):
+    """Upgrade packages: the release public keys this gateway trusts (docs/upgrades.md).
+
+    Two keys during a rotation; with none, every upgrade job is refused.
+    """
+
+    release_keys: tuple[str, ...] = ()
+
+    @field_validator("release_keys")
+    @classmethod
+    def _check_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            load_public_keys(value, "upgrades.release_keys")
+        except SignatureError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+
 class LocalMqttSettings(MqttEndpoint):
     """The site-local broker that MQTT-native units publish to (plain MQTT on the LAN)."""
 
@@ -177,6 +195,7 @@ class AgentSettings(FileSettings):
     local_mqtt: LocalMqttSettings = LocalMqttSettings()
     commands: CommandSettings = CommandSettings()
     sessions: SessionSettings = SessionSettings()
+    upgrades: AgentUpgradeSettings = AgentUpgradeSettings()
     devices: tuple[DeviceSettings, ...] = ()
 
     @field_validator("site")

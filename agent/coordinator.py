@@ -11,10 +11,11 @@ overran instead of piling up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -136,7 +137,15 @@ class ModbusCoordinator:
         self._failures = 0
         self._retry_at = 0.0
         self._last: dict[str, Value | None] = {}
+        self._busy = asyncio.Lock()  # a poll cycle, or an upgrade that has the unit to itself
         self.set_profile(profile)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[ModbusLink]:
+        """The unit's link with polling held off (a firmware install must not interleave
+        with reads, and a rebooting unit must not count as lost communication)."""
+        async with self._busy:
+            yield self.link
 
     def set_profile(self, profile: Profile) -> None:
         """Plan the reads for a profile (also after SunSpec discovery)."""
@@ -160,7 +169,8 @@ class ModbusCoordinator:
             await asyncio.sleep(phase_s)
         next_at = loop.time()
         while not self.stopping:
-            ok = await self.poll_once()
+            async with self._busy:
+                ok = await self.poll_once()
             next_at += interval
             now = loop.time()
             if now > next_at:

@@ -7,7 +7,13 @@
     ├── DiscoveryError        SunSpec auto-discovery found no usable model chain
     ├── EnrolmentError        the server refused the enrolment token (agent/enrol.py)
     ├── SpoolError            the on-disk spool cannot be opened or written
-    └── UplinkError           the central broker refused us (bad credentials, TLS files)
+    ├── UplinkError           the central broker refused us (bad credentials, TLS files)
+    └── UpgradeError          an upgrade job did not end with the new version installed
+        ├── UpgradeRefused    refused before touching the unit (signature, hash, downgrade,
+        │                     window closed): nothing was installed
+        ├── UpgradeFailed     download, pre-check or install failed (no rollback possible
+        │                     or needed)
+        └── UpgradeRolledBack the install failed and the previous image was reinstalled
 """
 
 from __future__ import annotations
@@ -43,3 +49,19 @@ class SpoolError(AgentError):
 
 class UplinkError(AgentError):
     """The central broker cannot be used with this configuration."""
+
+
+class UpgradeError(AgentError):
+    """An upgrade job did not end with the new version running."""
+
+
+class UpgradeRefused(UpgradeError):
+    """Refused before anything touched the unit: unsigned, tampered, downgrade, window over."""
+
+
+class UpgradeFailed(UpgradeError):
+    """A download, pre-check or install step failed."""
+
+
+class UpgradeRolledBack(UpgradeError):
+    """The install failed; the unit runs its previous version again."""

@@ -25,10 +25,12 @@ from agent.devices.modbus import ModbusLink
 from agent.diagnostics import Diagnostics, RecentLog
 from agent.sessions import AgentSessions
 from agent.spool import Spool
+from agent.upgrades import UpgradeExecutor
 from agent.uplink import Uplink
 from protocols.clock import Clock, SystemClock
 from protocols.messages import CommandKind, EventKind, Health
 from protocols.profiles import Profile, load_profile
+from protocols.signing import load_public_keys
 
 log = logging.getLogger(__name__)
 HEALTH_FILE = "agent-health.json"
@@ -60,6 +62,7 @@ class Agent:
         self.commands.register(CommandKind.COMMISSIONING_CHECK, self.commissioning.handler)
         self.coordinators: list[ModbusCoordinator] = []
         self.sources: list[Any] = []
+        self.upgrades: UpgradeExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
         self._last_points = 0
@@ -94,6 +97,11 @@ class Agent:
             else:
                 coord = ModbusCoordinator(dev, profile, link, self.batcher, self.clock)
             self.coordinators.append(coord)
+        self.upgrades = UpgradeExecutor(
+            self.settings.state_dir,
+            load_public_keys(self.settings.upgrades.release_keys, "upgrades.release_keys"),
+            {c.name: c for c in self.coordinators}, self.batcher, self.clock)
+        self.commands.register(CommandKind.UPGRADE_JOB, self.upgrades.handle)
         n = len(self.coordinators)
         for i, coord in enumerate(self.coordinators):  # spread the units over the interval
             self._spawn(coord.run(i / n * coord.device.poll_interval_s), f"poll:{coord.name}")

@@ -85,6 +85,9 @@ def register() -> None:
     from server.cli_verbs import register as register_verbs
 
     register_verbs(app)
+    from server.upgrades.cli import register as register_upgrades
+
+    register_upgrades(app)
     _registered = True
 
 

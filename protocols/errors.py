@@ -8,7 +8,11 @@
     ├── MessageError          an MQTT payload does not match its schema
     ├── FirmwareImageError    a firmware image is truncated, foreign or malformed
     ├── TopicError            a topic is not one of ours
-    └── SignatureError        a key is unusable, or a signature does not verify
+    ├── SignatureError        a key is unusable, or a signature does not verify
+    └── PackageError          an upgrade package is malformed or may not be installed
+        ├── PackageSignatureError   unsigned, or signed by no trusted release key
+        ├── TamperedPackage         payload or image differs from the signed manifest
+        └── DowngradeRefused        older than the running version (and not a rollback)
 """
 
 from __future__ import annotations
@@ -48,3 +52,19 @@ class TopicError(ProtocolError):
 
 class SignatureError(ProtocolError):
     """A signing key cannot be loaded, or a signature does not verify with any trusted key."""
+
+
+class PackageError(ProtocolError):
+    """An upgrade package cannot be read, or must not be installed."""
+
+
+class PackageSignatureError(PackageError):
+    """The package is unsigned or no trusted release key signed it."""
+
+
+class TamperedPackage(PackageError):
+    """The payload (or the image rebuilt from it) does not match the signed manifest."""
+
+
+class DowngradeRefused(PackageError):
+    """The version policy refuses this package for this unit (downgrade, minimum version)."""

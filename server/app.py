@@ -48,6 +48,7 @@ from server.sessions.ops import SessionOps
 from server.sessions.service import Windows
 from server.sla import clocks as sla_clocks
 from server.web import create_web_app
+from server.upgrades import api as upgrades_api
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def api_router() -> APIRouter:
                commissioning, commands, tickets, parts, sla, sessions)
     for module in modules:
         router.include_router(module.router)
+    for upgrade_router in upgrades_api.routers:
+        router.include_router(upgrade_router)
     return router
 
 

@@ -87,11 +87,14 @@ class ApiClient:
         *,
         params: Mapping[str, Any] | None = None,
         json: Any = None,
+        content: bytes | None = None,
     ) -> Any:
         """`method` on `/api/v1{path}`; the decoded JSON body (None for 204)."""
         query = {k: v for k, v in (params or {}).items() if v is not None and v != []}
+        headers = {"Content-Type": "application/octet-stream"} if content is not None else None
         try:
-            response = self._http.request(method, path, params=query, json=json)
+            response = self._http.request(method, path, params=query, json=json,
+                                          content=content, headers=headers)
         except httpx.TimeoutException as exc:
             raise ServerUnreachable(f"{self.base_url} did not answer in time") from exc
         except httpx.TransportError as exc:

@@ -34,6 +34,7 @@ class ServerProcess:
         self.faults: Any = None
         self.sla: Any = None
         self.gateway: Any = None
+        self.rollouts: Any = None
         from server.commands.service import CommandService
 
         self.commands = CommandService(settings, self.db, clock=self.clock)
@@ -55,6 +56,7 @@ class ServerProcess:
         await self.prepare()
         self.faults = FaultEngine(self.clock)
         self._tickets()
+        self._upgrades()
         tasks: list[asyncio.Task[None]] = []
         roles = self.settings.roles
         if "ingest" in roles:
@@ -96,6 +98,19 @@ class ServerProcess:
         clocks.configure(self.settings.sla.terms)
         FaultTickets(self.settings.sla, self.clock).attach(self.faults)
         self.sla = SlaEngine(self.db, self.settings.sla, self.clock)
+
+    def _upgrades(self) -> None:
+        """Rollouts send `upgrade.job` commands (scheduler) and follow their answers (ingest)."""
+        from server.upgrades.rollout import RolloutEngine, attach, command_sender
+
+        def base_url() -> str:
+            http = self.settings.http
+            return self.settings.upgrades.public_url or \
+                f"http://{http.host}:{self.api_port or http.port}"
+
+        self.rollouts = RolloutEngine(self.settings, self.db, command_sender(self.commands),
+                                      clock=self.clock, base_url=base_url)
+        attach(self.rollouts, self.commands)
 
     async def _supervise(self, name: str, role: Callable[[], Awaitable[None]]) -> None:
         delay = 1.0
@@ -149,6 +164,7 @@ class ServerProcess:
                 async with self.db.session() as session:
                     await self.faults.tick(session, self.clock.now())
                 await self.commands.tick(self.clock.now())
+                await self.rollouts.tick()
                 if loop.time() >= next_rollup:
                     await scheduler_jobs.run_rollups(self.db, self.clock.now())
                     await scheduler_jobs.run_retention(self.db, self.clock.now(), storage)
@@ -162,7 +178,8 @@ class ServerProcess:
 
         from server.app import create_app
 
-        app = create_app(self.settings, self.db, command_service=self.commands)
+        app = create_app(self.settings, self.db, clock=self.clock.now,
+                         command_service=self.commands)
         http = self.settings.http
         config = uvicorn.Config(app, host=http.host, port=http.port, log_level="warning",
                                 lifespan="on", forwarded_allow_ips=http.forwarded_allow_ips,

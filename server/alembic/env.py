@@ -11,7 +11,8 @@ import server.commissioning.models
 import server.models
 import server.sessions.models
 import server.sla.models
-import server.tickets.models  # noqa: F401  (each module registers its tables on SQLModel.metadata)
+import server.tickets.models
+import server.upgrades.models  # noqa: F401  (each module registers its tables on SQLModel.metadata)
 
 MIGRATION_LOCK = 0x454D55_0001
 """pg_advisory_xact_lock key that serialises concurrent `emu server migrate` runs."""

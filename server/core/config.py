@@ -125,6 +125,17 @@ class GatewaySettings(Section):
     poll_s: float = Field(default=0.25, gt=0, le=1.5, description="revocation/expiry check")
     claim_s: float = Field(default=1800.0, gt=0, description="approval must be used within")
     onsite_window_s: float = Field(default=4 * 3600.0, gt=0)
+class UpgradeSettings(Section):
+    """Release packages and rollouts (docs/upgrades.md)."""
+
+    release_keys: tuple[str, ...] = Field(
+        default=(), description="trusted release public keys (base64 Ed25519 or PEM); during "
+        "a rotation both the old and the new key")
+    public_url: str | None = Field(
+        default=None, description="base URL agents download packages from (default: the API's "
+        "own http://host:port)")
+    max_package_mb: float = Field(default=256.0, gt=0)
+    download_ttl_s: float = Field(default=7 * 86400.0, gt=0)
 
 
 class ServerSettings(FileSettings):
@@ -155,6 +166,7 @@ class ServerSettings(FileSettings):
     commands: CommandSettings = CommandSettings()
     web: WebSettings = WebSettings()
     gateway: GatewaySettings = GatewaySettings()
+    upgrades: UpgradeSettings = UpgradeSettings()
 
     @field_validator("database_url")
     @classmethod

@@ -4,6 +4,10 @@ The shared Mosquitto cannot be stopped by a test, so the agent talks to the brok
 `TcpProxy`; `cut()` aborts every forwarded connection and closes the listening socket, so new
 connections are refused exactly as by a stopped broker, and `restore()` listens again on the same
 port. Everything else (a subscriber, the test's own checks) talks to the broker directly.
+
+`bytes_down` counts what went from the target to the clients (bytes on the wire of a
+download); with `cut_after_bytes` the proxy drops its connections once, when that many bytes
+have gone down, and forwards normally afterwards (a download cut half-way, then resumed).
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ _CONNECT_TIMEOUT = 5.0
 class TcpProxy:
     """Forward `host:port` (port 0 picks a free one) to `target_host:target_port`."""
 
-    def __init__(self, target_host: str, target_port: int, host: str = LOOPBACK) -> None:
+    def __init__(self, target_host: str, target_port: int, host: str = LOOPBACK,
+                 cut_after_bytes: int | None = None) -> None:
         self.target = (target_host, target_port)
+        self.bytes_down = 0
+        self.cut_after_bytes = cut_after_bytes
         self.host = host
         self.port = 0
         self.accepted = 0
@@ -102,7 +109,7 @@ class TcpProxy:
             async with asyncio.timeout(_CONNECT_TIMEOUT):
                 up_reader, up_writer = await asyncio.open_connection(*self.target)
             self._transports.add(up_writer.transport)
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            await asyncio.gather(_pump(reader, up_writer), self._pump_down(up_reader, writer))
         except (OSError, TimeoutError):
             pass  # the target refused or is not there: the client sees its connection close
         finally:
@@ -112,6 +119,32 @@ class TcpProxy:
                     w.close()
             if task is not None:
                 self._tasks.discard(task)
+
+    async def _pump_down(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        """Target to client, counting bytes and cutting once at `cut_after_bytes`."""
+        try:
+            while data := await reader.read(_BUFFER):
+                limit = self.cut_after_bytes
+                if limit is not None and self.bytes_down + len(data) >= limit:
+                    data = data[: limit - self.bytes_down]
+                    self.bytes_down += len(data)
+                    writer.write(data)
+                    await writer.drain()
+                    self.cut_after_bytes = None
+                    self.cuts += 1
+                    for transport in list(self._transports):
+                        transport.abort()
+                    return
+                self.bytes_down += len(data)
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            writer.transport.abort()
+            return
+        with contextlib.suppress(OSError):
+            if writer.can_write_eof():
+                writer.write_eof()
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

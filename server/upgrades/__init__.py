@@ -1,0 +1,1 @@
+"""Software upgrades: signed releases, written plans, staged rollouts (issue 7)."""
