@@ -181,6 +181,10 @@ class RolloutEngine:
         plan.finished_at = plan.updated_at = now
         session.add(plan)
         log.info("upgrades: plan %s completed", plan.id)
+        release = await session.get(ReleasePackage, plan.release_id)
+        if release is not None:  # again for every site: closing is idempotent
+            for site_id in plan.site_ids:
+                await _release_installed(session, release, site_id, now)
         if plan.ticket_id is not None:
             from server.tickets.service import transition
 
@@ -194,6 +198,14 @@ class RolloutEngine:
     async def on_result(self, session: AsyncSession, command_id: str, result: str,
                         detail: dict[str, Any]) -> RolloutTarget | None:
         """Apply one ack (`progress`, `ok`, `rejected`, `error`, or `expired`) to its target."""
+        plan_id = (await session.exec(select(RolloutTarget.plan_id).where(
+            RolloutTarget.command_id == command_id))).first()
+        if plan_id is None:
+            return None
+        # the plan row first (the order the tick takes), so that answers of one plan are
+        # applied one after the other and the last unit of a site sees its siblings' results
+        await session.exec(select(UpgradePlan.id).where(UpgradePlan.id == plan_id)
+                           .with_for_update())
         target = (await session.exec(
             select(RolloutTarget).where(RolloutTarget.command_id == command_id)
             .with_for_update())).first()
@@ -235,16 +247,21 @@ class RolloutEngine:
             return
         plan = await session.get(UpgradePlan, target.plan_id)
         release = await session.get(ReleasePackage, plan.release_id) if plan else None
-        if release is None:  # pragma: no cover - foreign keys
-            return
-        from server.tickets.service import release_installed
+        if release is not None:
+            await _release_installed(session, release, target.site_id, now)
 
-        fixes = Fixes.model_validate(release.manifest.get("fixes") or {})
-        closed = await release_installed(session, site_id=target.site_id, series=release.series,
-                                         version=release.version, fixes=fixes.refs(), now=now)
-        if closed:
-            log.info("upgrades: release %s %s at site %s closed tickets %s", release.series,
-                     release.version, target.site_id, closed)
+
+async def _release_installed(session: AsyncSession, release: ReleasePackage, site_id: int,
+                             now: datetime) -> None:
+    """The ticket core closes the site's C/D tickets that the release fixes."""
+    from server.tickets.service import release_installed
+
+    fixes = Fixes.model_validate(release.manifest.get("fixes") or {})
+    closed = await release_installed(session, site_id=site_id, series=release.series,
+                                     version=release.version, fixes=fixes.refs(), now=now)
+    if closed:
+        log.info("upgrades: release %s %s at site %s closed tickets %s", release.series,
+                 release.version, site_id, closed)
 
 
 async def halt(session: AsyncSession, plan: UpgradePlan, reason: str, now: datetime,

@@ -81,14 +81,14 @@ class Stack:
 
 @pytest.fixture
 async def stack(mqtt_broker: BrokerInfo, upgrades_db_url: str, tmp_path: Path,
-                release_key: Ed25519PrivateKey) -> AsyncIterator[Stack]:
+                server_data_dir: Path, release_key: Ed25519PrivateKey) -> AsyncIterator[Stack]:
     manual = ManualClock(START)
     clock = HybridClock(manual)
     protocol = "3.1.1" if mqtt_broker.embedded else "auto"
     tag = secrets.token_hex(3)
     settings = ServerSettings(
         database_url=upgrades_db_url, secret_key=secrets.token_urlsafe(24),
-        data_dir=tmp_path / "server", http=HttpSettings(port=0), scheduler_tick_s=0.2,
+        data_dir=server_data_dir, http=HttpSettings(port=0), scheduler_tick_s=0.2,
         mqtt=MqttSettings(url=mqtt_broker.url, protocol=protocol,
                           shared_group=f"up-{tag}" if mqtt_broker.shared_subscriptions else None),
         upgrades=UpgradeSettings(release_keys=(public_key_text(release_key),)),
