@@ -59,6 +59,18 @@ def _read(path: Path) -> bytes:
         raise _fail(f"{path}: {exc.strerror or exc}", 2) from exc
 
 
+def _page(server: str, token: str | None, path: str, columns: list[Column], as_json: bool,
+          **params: Any) -> None:
+    """One list verb: the API's page as a table (or its JSON)."""
+    with _api(server, token) as api:
+        page = api.get(path, limit=1000, **params)
+    if as_json:
+        _print_json(page)
+        return
+    print_table(page["data"], columns)
+    _footer(page)
+
+
 # --- emu release -----------------------------------------------------------------------------
 
 
@@ -156,13 +168,7 @@ def release_list(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Uploaded packages, newest first."""
-    with _api(server, token) as api:
-        page = api.get("/releases", series=series, limit=1000)
-    if as_json:
-        _print_json(page)
-        return
-    print_table(page["data"], RELEASE_COLUMNS)
-    _footer(page)
+    _page(server, token, "/releases", RELEASE_COLUMNS, as_json, series=series)
 
 
 # --- emu plans -------------------------------------------------------------------------------
@@ -187,13 +193,7 @@ def plans_list(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Plans you may see (a customer: its organisation's)."""
-    with _api(server, token) as api:
-        page = api.get("/plans", state=state, limit=1000)
-    if as_json:
-        _print_json(page)
-        return
-    print_table(page["data"], PLAN_COLUMNS)
-    _footer(page)
+    _page(server, token, "/plans", PLAN_COLUMNS, as_json, state=state)
 
 
 @plans_app.command("show")
@@ -304,13 +304,7 @@ TARGET_COLUMNS: list[Column] = [
 def rollouts_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
                   as_json: JsonOpt = False) -> None:
     """Scheduled, running and finished rollouts."""
-    with _api(server, token) as api:
-        page = api.get("/rollouts", limit=1000)
-    if as_json:
-        _print_json(page)
-        return
-    print_table(page["data"], PLAN_COLUMNS)
-    _footer(page)
+    _page(server, token, "/rollouts", PLAN_COLUMNS, as_json)
 
 
 @rollouts_app.command("show")
