@@ -47,8 +47,8 @@ from server.models import utcnow
 from server.sessions.ops import SessionOps
 from server.sessions.service import Windows
 from server.sla import clocks as sla_clocks
-from server.web import create_web_app
 from server.upgrades import api as upgrades_api
+from server.web import create_web_app
 
 log = logging.getLogger(__name__)
 

@@ -125,6 +125,8 @@ class GatewaySettings(Section):
     poll_s: float = Field(default=0.25, gt=0, le=1.5, description="revocation/expiry check")
     claim_s: float = Field(default=1800.0, gt=0, description="approval must be used within")
     onsite_window_s: float = Field(default=4 * 3600.0, gt=0)
+
+
 class UpgradeSettings(Section):
     """Release packages and rollouts (docs/upgrades.md)."""
 

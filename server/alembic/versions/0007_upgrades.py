@@ -1,7 +1,7 @@
 """upgrades
 
-Revision ID: 0006_upgrades
-Revises: 0005_sessions
+Revision ID: 0007_upgrades
+Revises: 0006_web_login
 Create Date: 2026-11-25 17:56:26.378429
 """
 
@@ -15,8 +15,8 @@ from sqlalchemy.dialects import postgresql
 
 import server.models
 
-revision: str = "0006_upgrades"
-down_revision: str | None = "0005_sessions"
+revision: str = "0007_upgrades"
+down_revision: str | None = "0006_web_login"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
