@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
@@ -28,7 +28,7 @@ from server.api.deps import (
     paginate,
 )
 from server.core.config import ServerSettings
-from server.errors import InvalidInput, NotFound
+from server.errors import Forbidden, InvalidInput, NotFound
 from server.schemas import Page
 from server.upgrades import plans as svc
 from server.upgrades import releases
@@ -73,7 +73,7 @@ async def upload_release(request: Request, session: SessionDep, user: StaffUser,
 
 
 @releases_router.get("", response_model=Page[ReleasePublic])
-async def list_releases(session: SessionDep, _user: CurrentUser, page: PageDep,
+async def list_releases(session: SessionDep, _user: StaffUser, page: PageDep,
                         series: Annotated[str | None, Query(max_length=16)] = None,
                         ) -> Page[ReleasePackage]:
     """Packages, newest upload first."""
@@ -85,7 +85,7 @@ async def list_releases(session: SessionDep, _user: CurrentUser, page: PageDep,
 
 
 @releases_router.get("/{release_id}", response_model=ReleasePublic)
-async def get_release(session: SessionDep, _user: CurrentUser,
+async def get_release(session: SessionDep, _user: StaffUser,
                       release_id: IdPath) -> ReleasePackage:
     """One package with its signed manifest."""
     return await releases.get_release(session, release_id)
@@ -93,9 +93,14 @@ async def get_release(session: SessionDep, _user: CurrentUser,
 
 @releases_router.get("/{release_id}/download", response_class=FileResponse)
 async def download_release(session: SessionDep, settings: SettingsDep, now: NowDep,
-                           release_id: IdPath, exp: Annotated[int, Query(ge=0)],
-                           sig: Annotated[str, Query(max_length=64)]) -> FileResponse:
-    """The payload for an agent, with `Range` support (a cut download resumes)."""
+                           release_id: IdPath,
+                           exp: Annotated[int | None, Query(ge=0, le=2**40)] = None,
+                           sig: Annotated[str | None, Query(max_length=64)] = None,
+                           ) -> FileResponse:
+    """The payload for an agent, with `Range` support (a cut download resumes); the link's
+    `exp` and `sig` are the credential (no bearer token)."""
+    if exp is None or sig is None:
+        raise Forbidden("a package download needs its signed link (exp and sig)")
     releases.check_download(settings, release_id, exp, sig, now)
     row = await releases.get_release(session, release_id)
     path = releases.releases_dir(settings) / row.path
@@ -142,11 +147,11 @@ async def create_plan(session: SessionDep, user: StaffUser, now: NowDep,
     return await _public(session, plan, now)
 
 
-@plans_router.put("/{plan_id}", response_model=PlanPublic)
-async def replace_plan(session: SessionDep, user: StaffUser, now: NowDep, plan_id: IdPath,
+@plans_router.put("/{upgrade_plan_id}", response_model=PlanPublic)
+async def replace_plan(session: SessionDep, user: StaffUser, now: NowDep, upgrade_plan_id: IdPath,
                        body: PlanFields) -> PlanPublic:
     """Rewrite a draft plan (after `revise`, an issued one)."""
-    plan = await svc.get_plan(session, plan_id, lock=True)
+    plan = await svc.get_plan(session, upgrade_plan_id, lock=True)
     await svc.update_plan(session, plan, _input(body), actor=user.name, now=now)
     await session.commit()
     return await _public(session, plan, now)
@@ -167,118 +172,118 @@ async def list_plans(session: SessionDep, user: CurrentUser, page: PageDep, now:
     return Page(data=data, count=total, limit=page.limit, offset=page.offset)
 
 
-@plans_router.get("/{plan_id}", response_model=PlanPublic)
+@plans_router.get("/{upgrade_plan_id}", response_model=PlanPublic)
 async def get_plan(session: SessionDep, user: CurrentUser, now: NowDep,
-                   plan_id: IdPath) -> PlanPublic:
+                   upgrade_plan_id: IdPath) -> PlanPublic:
     """One plan, with its 30-day delivery clock and rollout counts."""
-    return await _public(session, await svc.get_plan(session, plan_id, user), now)
+    return await _public(session, await svc.get_plan(session, upgrade_plan_id, user), now)
 
 
-@plans_router.post("/{plan_id}/issue", response_model=PlanPublic)
+@plans_router.post("/{upgrade_plan_id}/issue", response_model=PlanPublic)
 async def issue_plan(session: SessionDep, user: StaffUser, now: NowDep,
-                     plan_id: IdPath) -> PlanPublic:
+                     upgrade_plan_id: IdPath) -> PlanPublic:
     """Fix the targets and issue the written plan to the customer."""
-    plan = await svc.get_plan(session, plan_id, lock=True)
+    plan = await svc.get_plan(session, upgrade_plan_id, lock=True)
     await svc.issue(session, plan, actor=user.name, now=now)
     await session.commit()
     return await _public(session, plan, now)
 
 
-@plans_router.post("/{plan_id}/revise", response_model=PlanPublic)
+@plans_router.post("/{upgrade_plan_id}/revise", response_model=PlanPublic)
 async def revise_plan(session: SessionDep, _user: StaffUser, now: NowDep,
-                      plan_id: IdPath) -> PlanPublic:
+                      upgrade_plan_id: IdPath) -> PlanPublic:
     """Take an issued plan back to draft to change it (issued documents are kept)."""
-    plan = await svc.get_plan(session, plan_id, lock=True)
+    plan = await svc.get_plan(session, upgrade_plan_id, lock=True)
     await svc.revise(session, plan, now=now)
     await session.commit()
     return await _public(session, plan, now)
 
 
-@plans_router.post("/{plan_id}/confirm", response_model=PlanPublic)
-async def confirm_plan(session: SessionDep, user: CurrentUser, now: NowDep, plan_id: IdPath,
+@plans_router.post("/{upgrade_plan_id}/confirm", response_model=PlanPublic)
+async def confirm_plan(session: SessionDep, user: CurrentUser, now: NowDep, upgrade_plan_id: IdPath,
                        body: Confirmation) -> PlanPublic:
     """The customer confirms: a window, its on-site personnel, and a signature."""
-    plan = await svc.get_plan(session, plan_id, user, lock=True)
+    plan = await svc.get_plan(session, upgrade_plan_id, user, lock=True)
     await svc.confirm(session, plan, user, window=body.window, personnel=body.personnel,
                       signature=body.signature, now=now)
     await session.commit()
     return await _public(session, plan, now)
 
 
-@plans_router.post("/{plan_id}/schedule", response_model=PlanPublic)
+@plans_router.post("/{upgrade_plan_id}/schedule", response_model=PlanPublic)
 async def schedule_plan(session: SessionDep, user: StaffUser, now: NowDep,
-                        plan_id: IdPath) -> PlanPublic:
+                        upgrade_plan_id: IdPath) -> PlanPublic:
     """The vendor confirms the customer's window; the rollout starts when it opens."""
-    plan = await svc.get_plan(session, plan_id, lock=True)
+    plan = await svc.get_plan(session, upgrade_plan_id, lock=True)
     await svc.schedule(session, plan, actor=user.name, now=now)
     await session.commit()
     return await _public(session, plan, now)
 
 
-@plans_router.post("/{plan_id}/checkin", response_model=PlanPublic)
-async def checkin_plan(session: SessionDep, user: CurrentUser, now: NowDep, plan_id: IdPath,
+@plans_router.post("/{upgrade_plan_id}/checkin", response_model=PlanPublic)
+async def checkin_plan(session: SessionDep, user: CurrentUser, now: NowDep, upgrade_plan_id: IdPath,
                        body: Checkin) -> PlanPublic:
     """The customer's personnel report present at a site."""
-    plan = await svc.get_plan(session, plan_id, user)
+    plan = await svc.get_plan(session, upgrade_plan_id, user)
     await svc.checkin(session, plan, user, body.site_id, body.name, now=now)
     await session.commit()
     return await _public(session, plan, now)
 
 
-@plans_router.post("/{plan_id}/pause", response_model=PlanPublic)
+@plans_router.post("/{upgrade_plan_id}/pause", response_model=PlanPublic)
 async def pause_plan(session: SessionDep, _user: StaffUser, now: NowDep,
-                     plan_id: IdPath) -> PlanPublic:
+                     upgrade_plan_id: IdPath) -> PlanPublic:
     """Start nothing new (installs under way finish)."""
-    plan = await svc.get_plan(session, plan_id, lock=True)
+    plan = await svc.get_plan(session, upgrade_plan_id, lock=True)
     await svc.set_paused(plan, True, now=now)
     await session.commit()
     return await _public(session, plan, now)
 
 
-@plans_router.post("/{plan_id}/resume", response_model=PlanPublic)
+@plans_router.post("/{upgrade_plan_id}/resume", response_model=PlanPublic)
 async def resume_plan(session: SessionDep, _user: StaffUser, now: NowDep,
-                      plan_id: IdPath) -> PlanPublic:
+                      upgrade_plan_id: IdPath) -> PlanPublic:
     """Carry on after a pause."""
-    plan = await svc.get_plan(session, plan_id, lock=True)
+    plan = await svc.get_plan(session, upgrade_plan_id, lock=True)
     await svc.set_paused(plan, False, now=now)
     await session.commit()
     return await _public(session, plan, now)
 
 
-@plans_router.post("/{plan_id}/abort", response_model=PlanPublic)
-async def abort_plan(session: SessionDep, _user: StaffUser, now: NowDep, plan_id: IdPath,
+@plans_router.post("/{upgrade_plan_id}/abort", response_model=PlanPublic)
+async def abort_plan(session: SessionDep, _user: StaffUser, now: NowDep, upgrade_plan_id: IdPath,
                      body: Reason) -> PlanPublic:
     """Stop for good; units not started are left untouched."""
-    plan = await svc.get_plan(session, plan_id, lock=True)
+    plan = await svc.get_plan(session, upgrade_plan_id, lock=True)
     await svc.abort(session, plan, body.reason, now=now)
     await session.commit()
     return await _public(session, plan, now)
 
 
-@plans_router.get("/{plan_id}/documents", response_model=list[DocumentPublic])
+@plans_router.get("/{upgrade_plan_id}/documents", response_model=list[DocumentPublic])
 async def list_documents(session: SessionDep, user: CurrentUser,
-                         plan_id: IdPath) -> list[PlanDocument]:
+                         upgrade_plan_id: IdPath) -> list[PlanDocument]:
     """Every issued version of the written plan."""
-    await svc.get_plan(session, plan_id, user)
-    rows = await session.exec(select(PlanDocument).where(PlanDocument.plan_id == plan_id)
+    await svc.get_plan(session, upgrade_plan_id, user)
+    rows = await session.exec(select(PlanDocument).where(PlanDocument.plan_id == upgrade_plan_id)
                               .order_by(col(PlanDocument.version)))
     return list(rows.all())
 
 
-@plans_router.get("/{plan_id}/documents/{version}.{fmt}")
-async def get_document(session: SessionDep, user: CurrentUser, plan_id: IdPath,
-                       version: Annotated[int, IdPath], fmt: str) -> Response:
+@plans_router.get("/{upgrade_plan_id}/documents/{doc_version}.{fmt}")
+async def get_document(session: SessionDep, user: CurrentUser, upgrade_plan_id: IdPath,
+                       doc_version: IdPath,
+                       fmt: Literal["html", "pdf"]) -> Response:
     """One version of the written plan as `html` or `pdf`."""
-    await svc.get_plan(session, plan_id, user)
-    if fmt not in ("html", "pdf"):
-        raise NotFound("documents come as .html or .pdf")
+    await svc.get_plan(session, upgrade_plan_id, user)
     doc = (await session.exec(select(PlanDocument).where(
-        PlanDocument.plan_id == plan_id, PlanDocument.version == version))).first()
+        PlanDocument.plan_id == upgrade_plan_id, PlanDocument.version == doc_version))).first()
     if doc is None:
-        raise NotFound(f"plan {plan_id} has no document version {version}")
+        raise NotFound(f"plan {upgrade_plan_id} has no document version {doc_version}")
     if fmt == "pdf":
-        return Response(doc.pdf, media_type="application/pdf", headers={
-            "Content-Disposition": f'attachment; filename="upgrade-plan-{plan_id}-v{version}.pdf"'})
+        name = f"upgrade-plan-{upgrade_plan_id}-v{doc_version}.pdf"
+        return Response(doc.pdf, media_type="application/pdf",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
     return Response(doc.html, media_type="text/html; charset=utf-8")
 
 
@@ -298,11 +303,11 @@ async def list_rollouts(session: SessionDep, user: CurrentUser, page: PageDep,
     return Page(data=data, count=total, limit=page.limit, offset=page.offset)
 
 
-@rollouts_router.get("/{plan_id}", response_model=list[TargetPublic])
+@rollouts_router.get("/{upgrade_plan_id}", response_model=list[TargetPublic])
 async def rollout_targets(session: SessionDep, user: CurrentUser,
-                          plan_id: IdPath) -> list[RolloutTarget]:
+                          upgrade_plan_id: IdPath) -> list[RolloutTarget]:
     """Every unit of a plan with its wave, state and latest progress stage (live)."""
-    await svc.get_plan(session, plan_id, user)
-    rows = await session.exec(select(RolloutTarget).where(RolloutTarget.plan_id == plan_id)
+    await svc.get_plan(session, upgrade_plan_id, user)
+    rows = await session.exec(select(RolloutTarget).where(RolloutTarget.plan_id == upgrade_plan_id)
                               .order_by(col(RolloutTarget.wave), col(RolloutTarget.id)))
     return list(rows.all())

@@ -97,6 +97,7 @@ class PlanDocument(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     plan_id: int = Field(foreign_key="upgrade_plan.id", index=True)
     version: int
+    title: str = Field(default="", max_length=300)
     html: str = Field(sa_type=sa.Text)
     pdf: bytes = Field(sa_type=sa.LargeBinary)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

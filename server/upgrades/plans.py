@@ -420,7 +420,8 @@ async def render(session: AsyncSession, plan: UpgradePlan, *, now: datetime,
     context["version"] = plan.document_version
     context["issued_by"] = actor
     doc = await render_document_async(TEMPLATE, context)
-    row = PlanDocument(plan_id=id_of(plan), version=plan.document_version, html=doc.html,
+    row = PlanDocument(plan_id=id_of(plan), version=plan.document_version,
+                       title=f"{doc.title}: {plan.title}"[:300], html=doc.html,
                        pdf=doc.pdf, created_at=now)
     session.add(row)
     session.add(plan)

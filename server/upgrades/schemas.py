@@ -185,4 +185,5 @@ class DocumentPublic(BaseModel):
 
     plan_id: int
     version: int
+    title: str
     created_at: datetime

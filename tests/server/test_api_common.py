@@ -42,6 +42,7 @@ from server.tickets import service as tickets
 from server.tickets.models import Part
 from tests.support.commissioning_site import seed_plan
 from tests.support.net import free_tcp_port
+from tests.support.upgrades_seed import seed_upgrade_plan
 
 NOW = datetime(2031, 3, 14, 12, 0, tzinfo=UTC)
 """The injected clock's time: seeded data lies in the hour before it."""
@@ -85,6 +86,8 @@ class OrgWorld:
     session_id: str = ""
     recording_id: int = 0
     plan_id: int = 0
+    upgrade_plan_id: int = 0
+    release_id: int = 0
 
 
 @dataclass
@@ -210,6 +213,9 @@ async def _seed_org(session: AsyncSession, label: str) -> OrgWorld:
         event_id=event.id or 0, user_id=user_id, token=token, token_id=token_id,
         ticket_id=tickets.require_id(ticket.id), link_id=tickets.require_id(link.id),
         plan_id=await seed_plan(session, site.id, marker, NOW - timedelta(minutes=12)),
+        **dict(zip(("upgrade_plan_id", "release_id"), await seed_upgrade_plan(
+            session, org.id, site.id, unit.id, marker, NOW - timedelta(minutes=11)),
+            strict=True)),
     )
 
 

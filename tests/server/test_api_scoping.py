@@ -120,9 +120,32 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("get", "/api/v1/commissioning/plans/{plan_id}/runs"): "scoped",
     ("post", "/api/v1/commissioning/plans/{plan_id}/results"): "admin",
     ("get", "/api/v1/commissioning/plans/{plan_id}/results"): "scoped",
+    ("post", "/api/v1/releases"): "admin",  # release manager (staff) only
+    ("get", "/api/v1/releases"): "admin",
+    ("get", "/api/v1/releases/{release_id}"): "admin",
+    ("get", "/api/v1/releases/{release_id}/download"): "admin",  # the signed link, or 403
+    ("post", "/api/v1/plans"): "admin",
+    ("get", "/api/v1/plans"): "scoped",
+    ("get", "/api/v1/plans/{upgrade_plan_id}"): "scoped",
+    ("put", "/api/v1/plans/{upgrade_plan_id}"): "admin",
+    ("post", "/api/v1/plans/{upgrade_plan_id}/issue"): "admin",
+    ("post", "/api/v1/plans/{upgrade_plan_id}/revise"): "admin",
+    ("post", "/api/v1/plans/{upgrade_plan_id}/confirm"): "scoped",
+    ("post", "/api/v1/plans/{upgrade_plan_id}/schedule"): "admin",
+    ("post", "/api/v1/plans/{upgrade_plan_id}/checkin"): "scoped",
+    ("post", "/api/v1/plans/{upgrade_plan_id}/pause"): "admin",
+    ("post", "/api/v1/plans/{upgrade_plan_id}/resume"): "admin",
+    ("post", "/api/v1/plans/{upgrade_plan_id}/abort"): "admin",
+    ("get", "/api/v1/plans/{upgrade_plan_id}/documents"): "scoped",
+    ("get", "/api/v1/plans/{upgrade_plan_id}/documents/{doc_version}.{fmt}"): "scoped",
+    ("get", "/api/v1/rollouts"): "scoped",
+    ("get", "/api/v1/rollouts/{upgrade_plan_id}"): "scoped",
 }
 
 VALID_BODY: dict[str, dict[str, Any]] = {
+    "/api/v1/plans/{upgrade_plan_id}/confirm": {"window": 0, "personnel": ["x"],
+                                                "signature": "x"},
+    "/api/v1/plans/{upgrade_plan_id}/checkin": {"site_id": 1, "name": "x"},
     "/api/v1/users/{user_id}/password": {"password": "a long enough password"},
     "/api/v1/users/me/password": {"new_password": "a long enough password"},
 }
@@ -147,7 +170,8 @@ def path_values(org: OrgWorld) -> dict[str, int | str]:
         "command_id": "00000000-0000-4000-8000-000000000001",
         "ticket_id": org.ticket_id, "link_id": org.link_id, "part_no": f"part-{org.marker}",
         "session_id": org.session_id, "recording_id": org.recording_id, "key_id": 1,
-        "plan_id": org.plan_id,
+        "plan_id": org.plan_id, "upgrade_plan_id": org.upgrade_plan_id,
+        "release_id": org.release_id, "doc_version": 1, "fmt": "html",
     }
 
 
