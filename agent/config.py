@@ -12,32 +12,18 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from emu.settings import FileSettings, MqttEndpoint, Section, load_settings
+from emu.settings import FileSettings, MqttEndpoint, Section, TlsMqttEndpoint, load_settings
 from protocols.errors import SignatureError, TopicError
 from protocols.signing import load_public_key, load_public_keys
 from protocols.topics import validate_site
 
 
-class BrokerSettings(MqttEndpoint):
+class BrokerSettings(TlsMqttEndpoint):
     """The central broker: `mqtt://` or `mqtts://` (TLS), credentials, client certificate."""
 
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    client_id: str | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
-    protocol: Literal["auto", "5", "3.1.1"] = "auto"
     connect_timeout_s: float = Field(default=10.0, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> BrokerSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        for f in (self.ca_file, self.cert_file, self.key_file):
-            if f is not None and not f.is_file():
-                raise ValueError(f"{f}: no such file")
-        return self
 
 
 class UplinkSettings(Section):

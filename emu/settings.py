@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -64,6 +64,26 @@ class MqttEndpoint(Section):
     def tls(self) -> bool:
         """Whether to use TLS."""
         return urlparse(self.url).scheme == "mqtts"
+
+
+class TlsMqttEndpoint(MqttEndpoint):
+    """A central broker: the CA that signed its certificate, and a client certificate when
+    the broker requires one (`mqtts://`; agent and server ingest alike)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_id: str | None = None
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for f in (self.ca_file, self.cert_file, self.key_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"{f}: no such file")
+        return self
 
 
 class FileSettings(BaseSettings):

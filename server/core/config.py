@@ -12,32 +12,17 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from emu.settings import FileSettings, MqttEndpoint, Section, load_settings
+from emu.settings import FileSettings, Section, TlsMqttEndpoint, load_settings
 from server.sla.config import SlaSettings
 
 
-class MqttSettings(MqttEndpoint):
-    """The central broker the ingest worker subscribes to."""
+class MqttSettings(TlsMqttEndpoint):
+    """The central broker the ingest worker subscribes to (`cert_file`/`key_file`: a client
+    certificate, CN `emu-server`, for a broker that requires one)."""
 
-    ca_file: Path | None = None
-    cert_file: Path | None = Field(
-        default=None, description="client certificate, for a broker that requires one"
-    )
-    key_file: Path | None = None
-    client_id: str | None = None
     shared_group: str | None = Field(
         default="emu-ingest", description="shared subscription group; empty to disable"
     )
-    protocol: Literal["auto", "5", "3.1.1"] = "auto"
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> MqttSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        for f in (self.ca_file, self.cert_file, self.key_file):
-            if f is not None and not f.is_file():
-                raise ValueError(f"{f}: no such file")
-        return self
 
 
 class HttpSettings(Section):
