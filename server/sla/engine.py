@@ -33,12 +33,14 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from protocols.clock import Clock, SystemClock
 from server.core.db import Database
+from server.models import Site
 from server.sla import clocks
 from server.sla.config import SlaSettings
 from server.sla.errors import NotifyError
 from server.sla.models import SlaClock, SlaNotification, SlaTimer
 from server.sla.notify import Notifier, Sender
 from server.sla.outbox import notify_chain
+from server.sla.policy import SlaTerms
 from server.tickets.models import Ticket, TicketEvent
 
 log = logging.getLogger(__name__)
@@ -99,12 +101,14 @@ class SlaEngine:
             query = query.with_for_update(skip_locked=True)
         timers = list((await session.exec(query)).all())
         fired = 0
+        cache: dict[int, tuple[Site, SlaTerms]] = {}
         for timer in timers:
-            if await self._fire(session, timer, now):
+            if await self._fire(session, timer, now, cache):
                 fired += 1
         return fired, len(timers) == self.settings.batch and fired > 0
 
-    async def _fire(self, session: AsyncSession, timer: SlaTimer, now: datetime) -> bool:
+    async def _fire(self, session: AsyncSession, timer: SlaTimer, now: datetime,
+                    cache: dict[int, tuple[Site, SlaTerms]]) -> bool:
         # Lock order as in the ticket service (ticket, then clock); a ticket being changed
         # right now is skipped and looked at again next tick.
         ticket = (await session.exec(
@@ -140,7 +144,7 @@ class SlaEngine:
                                                    "cause": cause}))
         await notify_chain(session, ticket, level=LEVEL_OF[timer.kind], event=EVENT_OF[timer.kind],
                            text=text, now=now, timer_id=timer.id,
-                           extra={"clock": clock.kind, "due_at": due.isoformat()})
+                           extra={"clock": clock.kind, "due_at": due.isoformat()}, cache=cache)
         log.info("%s", text)
         return True
 

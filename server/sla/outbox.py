@@ -16,18 +16,29 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from server.models import Site, User
 from server.sla import clocks
 from server.sla.models import SlaNotification
-from server.sla.policy import Contact
+from server.sla.policy import Contact, SlaTerms
 from server.tickets.models import Ticket
 
 
 async def notify_chain(session: AsyncSession, ticket: Ticket, *, level: str, event: str,
                        text: str, now: datetime, timer_id: int | None = None,
-                       extra: dict[str, Any] | None = None) -> int:
-    """Queue one email and/or webhook per contact of `level`; returns how many rows."""
-    site = await session.get(Site, ticket.site_id)
-    if site is None or ticket.id is None:
+                       extra: dict[str, Any] | None = None,
+                       cache: dict[int, tuple[Site, SlaTerms]] | None = None) -> int:
+    """Queue one email and/or webhook per contact of `level`; returns how many rows.
+
+    `cache` (site id -> site and terms) saves the look-ups when one transaction notifies
+    about many tickets of a site (the SLA engine's batches)."""
+    if ticket.id is None:
         return 0
-    terms = await clocks.terms_for(session, site)
+    if cache is not None and ticket.site_id in cache:
+        site, terms = cache[ticket.site_id]
+    else:
+        found = await session.get(Site, ticket.site_id)
+        if found is None:
+            return 0
+        site, terms = found, await clocks.terms_for(session, found)
+        if cache is not None:
+            cache[ticket.site_id] = (site, terms)
     contacts = [c for c in terms.chain if c.level == level]
     if level == "engineer" and ticket.assignee:
         user = (await session.exec(select(User).where(User.name == ticket.assignee))).first()
