@@ -17,7 +17,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import col, select
 
-from protocols.sessions import SESSION_ID, UNIT_PORT, Scope
+from protocols.sessions import UNIT_PORT, Scope
 from server.api.deps import (
     CurrentUser,
     IdPath,
@@ -31,13 +31,15 @@ from server.api.deps import (
 )
 from server.core.security import visible_sites
 from server.errors import NotFound
-from server.schemas import Page
+from server.schemas import Page, Plain
 from server.sessions import diagnostics, keys, service
 from server.sessions.models import RemoteSession, SessionRecording
 from server.sessions.ops import SessionOps
 
 router = APIRouter(tags=["sessions"])
-SessionId = Annotated[str, Path(pattern=SESSION_ID.pattern, description="session id")]
+SessionId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+                                description="session id (s + 12 hex digits)")]
+"""Any well-formed word: an id that is no session's is "not found" (404), like every id."""
 State = Literal["requested", "approved", "denied", "active", "closed", "expired", "revoked"]
 
 
@@ -47,7 +49,7 @@ class SessionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ticket_id: int = Field(ge=1)
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: Plain = Field(min_length=1, max_length=2000)
     scope: Scope
     max_duration_s: int = Field(default=3600, ge=60, le=service.MAX_DURATION_S)
 
@@ -57,7 +59,7 @@ class Note(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    note: str = Field(default="", max_length=500)
+    note: Plain = Field(default="", max_length=500)
 
 
 class SessionPublic(BaseModel):
@@ -121,8 +123,8 @@ class KeyCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    public_key: str = Field(min_length=16, max_length=2000)
-    name: str = Field(default="key", min_length=1, max_length=100)
+    public_key: Plain = Field(min_length=16, max_length=2000)
+    name: Plain = Field(default="key", min_length=1, max_length=100)
 
 
 class KeyPublic(BaseModel):
@@ -194,20 +196,18 @@ async def approve(request: Request, s: SessionDep, user: CurrentUser, now: NowDe
 
 @router.post("/sessions/{session_id}/deny", response_model=SessionPublic)
 async def deny(request: Request, s: SessionDep, user: CurrentUser, now: NowDep,
-               session_id: SessionId, body: Note | None = None) -> RemoteSession:
-    """Refuse consent (a customer of the site's organisation)."""
-    row = await ops_of(request).deny(s, session_id, user, now=now,
-                                     note=body.note if body else "")
+               session_id: SessionId, body: Note) -> RemoteSession:
+    """Refuse consent (a customer of the site's organisation); `{}` or `{"note": ...}`."""
+    row = await ops_of(request).deny(s, session_id, user, now=now, note=body.note)
     await s.commit()
     return row
 
 
 @router.post("/sessions/{session_id}/revoke", response_model=SessionPublic)
 async def revoke(request: Request, s: SessionDep, user: CurrentUser, now: NowDep,
-                 session_id: SessionId, body: Note | None = None) -> RemoteSession:
-    """Withdraw access now; live connections are cut within seconds."""
-    row = await ops_of(request).revoke(s, session_id, user, now=now,
-                                       note=body.note if body else "")
+                 session_id: SessionId, body: Note) -> RemoteSession:
+    """Withdraw access now; live connections are cut within seconds; `{}` or `{"note": ...}`."""
+    row = await ops_of(request).revoke(s, session_id, user, now=now, note=body.note)
     await s.commit()
     return row
 

@@ -74,7 +74,8 @@ def request(
 def _decide(verb: str, session: str, server: str, token: str | None, as_json: bool,
             note: str | None = None) -> None:
     with _api(server, token) as api:
-        record = api.post(f"/sessions/{session}/{verb}", {"note": note} if note else None)
+        record = api.post(f"/sessions/{session}/{verb}",
+                          None if note is None else {"note": note})
     _show(record, as_json)
 
 

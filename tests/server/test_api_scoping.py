@@ -148,6 +148,7 @@ VALID_BODY: dict[str, dict[str, Any]] = {
     "/api/v1/plans/{upgrade_plan_id}/checkin": {"site_id": 1, "name": "x"},
     "/api/v1/users/{user_id}/password": {"password": "a long enough password"},
     "/api/v1/users/me/password": {"new_password": "a long enough password"},
+    "/api/v1/sessions/{session_id}/diagnostics": {"action": "agent_log"},
 }
 """Bodies for routes whose body has required fields (others are walked with `{}`)."""
 
