@@ -72,6 +72,7 @@ async def test_rollout_200_units_20_sites(tmp_path: Path, database_url: str) -> 
     key: Ed25519PrivateKey = generate_private_key()
     clock = ManualClock(START)
     v100, v110 = firmware("1.0.0", size=IMAGE), firmware("1.1.0", size=IMAGE, change=64)
+    (tmp_path / "db").mkdir()
     with fresh_database(database_url, tmp_path / "db") as url:
         migrate_sync(url)
         async with api_server(url, tmp_path / "srv", key, clock) as api:
@@ -84,7 +85,8 @@ async def test_rollout_200_units_20_sites(tmp_path: Path, database_url: str) -> 
                 ids[name] = (await upload(api, pkg)).json()["id"]
             host, port = api.url.removeprefix("http://").split(":")
             async with TcpProxy(host, int(port)) as proxy:
-                rigs = [await make_site(api.db, org, UNITS, tmp_path / f"gw{i}", key, clock)
+                rigs = [await make_site(api.db, org, UNITS, tmp_path / f"gw{i}", key, clock,
+                                        timeout_s=5.0)
                         for i in range(SITES)]
                 base = f"http://127.0.0.1:{proxy.port}"
                 try:
@@ -127,7 +129,7 @@ async def test_rollout_200_units_20_sites(tmp_path: Path, database_url: str) -> 
                 finally:
                     for r in rigs:
                         await r.close()
-    assert plan["state"] == "completed", plan
+    assert plan["state"] == "completed", (plan["halted_reason"], plan["counts"])
     rounds = ideal_rounds([(t["wave"], t["site_id"]) for t in targets])
     ideal = rounds * t1
     pkg_bytes = len(v110) + len(v100)

@@ -151,7 +151,7 @@ async def make_org(db: Database) -> int:
 
 async def make_site(db: Database, org_id: int, units: int, state_dir: Path,
                     key: Ed25519PrivateKey, clock: ManualClock, *, tz: str = "UTC",
-                    version: str = "1.0.0") -> SiteRig:
+                    version: str = "1.0.0", timeout_s: float = 0.5) -> SiteRig:
     """A site row with unit rows, simulated units, and an executor for them."""
     code = f"up-{secrets.token_hex(3)}"
     async with db.session() as s:
@@ -169,7 +169,7 @@ async def make_site(db: Database, org_id: int, units: int, state_dir: Path,
     for n in range(1, units + 1):
         host, port, uid = sim.where(n)
         dev = DeviceSettings(name=f"bs-{n}", protocol="modbus-tcp", host=host, port=port,
-                             unit_id=uid, profile="EMU-BS", timeout_s=0.5, retries=0)
+                             unit_id=uid, profile="EMU-BS", timeout_s=timeout_s, retries=0)
         coords[dev.name] = ModbusCoordinator(dev, profile, ModbusLink(dev), sink, clock)
     executor = UpgradeExecutor(state_dir / code, [key.public_key()], coords, sink, clock,
                                FAST)
