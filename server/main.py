@@ -153,6 +153,7 @@ class ServerProcess:
         from server import scheduler_jobs
 
         storage = self.settings.storage
+        retention = scheduler_jobs.RetentionMemo()
         loop = asyncio.get_running_loop()
         next_rollup = loop.time()
         while True:
@@ -167,7 +168,8 @@ class ServerProcess:
                 await self.rollouts.tick()
                 if loop.time() >= next_rollup:
                     await scheduler_jobs.run_rollups(self.db, self.clock.now())
-                    await scheduler_jobs.run_retention(self.db, self.clock.now(), storage)
+                    await scheduler_jobs.run_retention(self.db, self.clock.now(), storage,
+                                                     retention)
                     next_rollup = loop.time() + storage.rollup_interval_s
             except Exception:
                 log.exception("scheduler tick failed")

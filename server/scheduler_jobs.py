@@ -11,6 +11,13 @@ replay of a long outage) stay out of the rollups. 1 min buckets come from raw re
 (numeric values only: min, max, sum, count), 1 h buckets from the 1 min buckets. Work is cut
 into transactions of at most `SERIES_CHUNK` series and `SPAN[width]` of time.
 
+Retention walks every series (one index range delete per series chunk), which costs in
+proportion to the series, not to what expired: 17 % of the server's CPU at 1,000 sites when it
+ran every minute (docs/benchmarks.md, fleet load, finding 2). So a `RetentionMemo` remembers
+the cutoffs of the last walk (nothing older is kept) and the next walk waits until the cutoff
+has moved `StorageSettings.retention_step_s` past them: a row outlives its retention by at most
+that step, and the walk runs once per step instead of every rollup interval.
+
 Every query addresses telemetry and rollups through their primary keys (series first, then
 time), with series ids listed in the statement, so both SQLite and PostgreSQL do index range
 scans instead of reading the whole table.
@@ -56,6 +63,22 @@ class RetentionResult:
     telemetry: int = 0
     rollup_1m: int = 0
     batches: int = 0
+    walked: bool = True
+    """False when nothing could have expired since the last walk, so none ran."""
+
+
+@dataclass
+class RetentionMemo:
+    """The cutoffs of this process's last retention walk: nothing older was kept."""
+
+    raw: datetime | None = None
+    minute: datetime | None = None
+
+    def due(self, raw: datetime, minute: datetime, step: timedelta) -> bool:
+        """Whether either cutoff moved at least `step` past the last walk's (or none ran)."""
+        if self.raw is None or self.minute is None:
+            return True
+        return raw - self.raw >= step or minute - self.minute >= step
 
 
 def floor_time(ts: datetime, width_s: int) -> datetime:
@@ -183,14 +206,19 @@ async def run_rollups(db: Database, now: datetime) -> RollupResult:
     return result
 
 
-async def run_retention(db: Database, now: datetime, storage: StorageSettings) -> RetentionResult:
+async def run_retention(db: Database, now: datetime, storage: StorageSettings,
+                        memo: RetentionMemo | None = None) -> RetentionResult:
     """Delete raw readings and 1 min rollups past their retention; 1 h rollups stay.
 
     Also forgets ingested-batch keys older than the raw retention: a replay that old would
-    only bring back readings that are deleted anyway.
+    only bring back readings that are deleted anyway. With a `memo` (the scheduler keeps one),
+    nothing is walked until a cutoff moved `retention_step_s` past the last walk's.
     """
     raw_cutoff = now - timedelta(days=storage.raw_retention_days)
     minute_cutoff = now - timedelta(days=storage.rollup_1m_retention_days)
+    if memo is not None and not memo.due(raw_cutoff, minute_cutoff,
+                                         timedelta(seconds=storage.retention_step_s)):
+        return RetentionResult(walked=False)
     result = RetentionResult()
     delete_raw = sa.text(_DELETE_RAW).bindparams(
         sa.bindparam("ids", expanding=True), sa.bindparam("cutoff", type_=_TS))
@@ -211,4 +239,6 @@ async def run_retention(db: Database, now: datetime, storage: StorageSettings) -
             {"cutoff": raw_cutoff},
         )
         result.batches = max(done.rowcount, 0)
+    if memo is not None:
+        memo.raw, memo.minute = raw_cutoff, minute_cutoff
     return result

@@ -62,6 +62,8 @@ class StorageSettings(Section):
     raw_retention_days: float = Field(default=30.0, gt=0)
     rollup_1m_retention_days: float = Field(default=365.0, gt=0)
     rollup_interval_s: float = Field(default=60.0, gt=0)
+    retention_step_s: float = Field(default=3600.0, ge=0)
+    """Retention walks every series once its cutoff moved this far (rows outlive it by as much)."""
 
 
 class EnrolmentSettings(Section):

@@ -8,6 +8,17 @@ series with the engine's and then the site's `policy["fault_rules"]` on top; the
 itself is the pure `server.faults.rules`. Others subscribe to `on_fault_opened`,
 `on_fault_escalated` and `on_fault_cleared` (async callbacks, called in the same session).
 
+Silence is judged against evidence that the site is still heard, not the wall clock alone: when
+ingest lags (a broker outage, a restart, an overload) or an agent replays its backlog, every
+unit looks silent at once, and opening a class A fault (and a ticket) for each would add work
+exactly when the server is behind. So while a site's agent is online, a unit is silent only for
+as long as its site's other data keeps arriving without it: the newest sample or event time of
+the site ahead of the unit's own newest sample (both the gateway's clock, so its offset cancels,
+and a backlog replayed in order moves both together; a unit the agent cannot reach also comes
+as the agent's own comm_lost events). Once the agent is offline (its will), or no agent
+of the site ever reported, the server's clock since the unit was last heard decides, as the
+`comm_loss` rule's `silence_s` says (agent or gateway offline).
+
 What lives where. The database holds what matters: the open fault of a (unit, code) with its
 class, opened, last seen and clearing-since times (one open per unit and code: a unique partial
 index, inserted with ON CONFLICT DO NOTHING, so two processes cannot both open it), and
@@ -66,7 +77,7 @@ from server.faults.rules import (
     build_cycles,
     iso,
 )
-from server.models import Fault, Site, Unit
+from server.models import Agent, Fault, Site, Unit
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +113,8 @@ class _UnitState:
     watermark: datetime | None = None
     arrived: float | None = None
     last_seen: datetime | None = None
+    newest: datetime | None = None
+    """The newest sample time of the unit this process stored (the gateway's clock)."""
 
 
 class FaultEngine:
@@ -128,6 +141,8 @@ class FaultEngine:
         self.on_fault_escalated: list[FaultCallback] = []
         self.on_fault_cleared: list[FaultCallback] = []
         self._units: dict[int, _UnitState] = {}
+        self._site_newest: dict[int, datetime] = {}
+        """Site id -> the newest sample or event time this process stored for the site."""
         self._books: dict[tuple[str | None, str], RuleBook] = {}
         self._listening = f"emu.faults.{id(self)}"
         self._started = self.clock.monotonic()
@@ -147,11 +162,17 @@ class FaultEngine:
             for slot in st.slots.values():
                 await self._apply(session, st, slot, slot.machine.feed(cycle))
         st.arrived = self.clock.monotonic()
+        newest = max((p.ts for p in points if p.device == unit.device), default=None)
+        if newest is not None and (st.newest is None or newest > st.newest):
+            st.newest = newest
+        self._heard(st.site_id, max((p.ts for p in points), default=None))
 
     async def on_event(
         self, session: AsyncSession, site: Site, unit: Unit | None, event: Event
     ) -> None:
         """Evaluate an event of a unit (comm_lost/restored, alarms); site events are ignored."""
+        if site.id is not None:
+            self._heard(site.id, event.ts)
         if unit is None:
             return
         st = await self._state(session, site, unit)
@@ -163,8 +184,9 @@ class FaultEngine:
         """Detect silent units and clear faults whose hold ran out on units not reporting."""
         await self._load_silent(session, now)
         await self._load_clearing(session, now)
+        online = await self._online_sites(session)
         for st in list(self._units.values()):
-            quiet = self._quiet_s(st, now)
+            quiet = self._quiet_s(st, now, st.site_id in online)
             live = quiet is not None and quiet < self.live_s
             for slot in st.slots.values():
                 m = slot.machine
@@ -174,18 +196,40 @@ class FaultEngine:
                         self._track(session, st)
                         await self._apply(session, st, slot, transitions)
 
-    def _quiet_s(self, st: _UnitState, now: datetime) -> float | None:
-        """Seconds the server has heard nothing from a unit, by its own clock.
+    def _heard(self, site_id: int, ts: datetime | None) -> None:
+        """Move the site's newest sample or event time on."""
+        newest = self._site_newest.get(site_id)
+        if ts is not None and (newest is None or ts > newest):
+            self._site_newest[site_id] = ts
 
-        Known from arrivals; for a unit not heard since this engine started, the time since its
-        last sample (gateway clock), but no more than the engine has been running.
+    def _quiet_s(self, st: _UnitState, now: datetime, site_online: bool) -> float | None:
+        """Seconds a unit has been silent, by the server's clock (see the module's docstring).
+
+        Offline (or unknown) agent: since the unit was last heard; for a unit not heard since
+        this engine started, the time since its last sample (gateway clock), but no more than
+        the engine has been running. Online agent: only how far the site's newest data is ahead
+        of the unit's (0 while nothing newer of the site has arrived: late, not missing).
         """
         mono = self.clock.monotonic()
         if st.arrived is not None:
-            return mono - st.arrived
-        if st.last_seen is None:
+            quiet = mono - st.arrived
+        elif st.last_seen is None:
             return None
-        return min(mono - self._started, (now - st.last_seen).total_seconds())
+        else:
+            quiet = min(mono - self._started, (now - st.last_seen).total_seconds())
+        if not site_online:
+            return quiet
+        site_newest = self._site_newest.get(st.site_id)
+        unit_newest = st.newest or st.last_seen
+        if site_newest is None or unit_newest is None:
+            return 0.0
+        return max(0.0, min(quiet, (site_newest - unit_newest).total_seconds()))
+
+    async def _online_sites(self, session: AsyncSession) -> set[int]:
+        """Sites with an agent whose last status was `online` (one small query per tick)."""
+        rows = await session.exec(
+            select(Agent.site_id).where(col(Agent.online).is_(True)).distinct())
+        return set(rows.all())
 
     # -- rules per unit -------------------------------------------------------------------
     def book(self, site: Site, unit: Unit) -> RuleBook:

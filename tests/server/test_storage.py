@@ -28,7 +28,7 @@ from server.core.db import Database, migrate_sync
 from server.errors import IngestError
 from server.ingest.registry import Registry
 from server.models import Agent, Event, IngestedBatch, Site, Unit
-from server.scheduler_jobs import floor_time, run_retention, run_rollups
+from server.scheduler_jobs import RetentionMemo, floor_time, run_retention, run_rollups
 from server.storage import PointRow, ReadingsClash, TelemetryStore, points, rollups
 from tests.bench.server_data import MODEL, SERIES, T0, batch, iso, make_site, points_doc
 from tests.support.database import fresh_database
@@ -434,6 +434,39 @@ async def test_retention_deletes_old_raw_readings_and_minute_rollups(own_db: Dat
         start + timedelta(days=100)]
     assert [r[0] for r in await rollup_rows(db, unit.id, "m.v", 3600)] == [
         floor_time(start, 3600), start + timedelta(days=100)]
+
+
+async def test_retention_walks_only_once_something_can_have_expired(own_db: Database) -> None:
+    """The benchmark's finding 2: a walk over every series each minute, with nothing to delete."""
+    db = own_db
+    site = await make_site(db)
+    store = TelemetryStore()
+    await store_all(db, store, site, [batch(agent_id(), 0, readings(
+        "u", "m.v", T0, [1.0, 2.0], 30.0) + readings("u", "m.v", T0 + timedelta(days=10),
+                                                     [3.0], 30.0))])
+    unit = (await units_of(db, site))["u"]
+    assert unit.id is not None
+    settings = StorageSettings(raw_retention_days=5, retention_step_s=3600)
+    memo = RetentionMemo()
+    now = T0 + timedelta(days=6)
+    first = await run_retention(db, now, settings, memo)
+    assert (first.walked, first.telemetry) == (True, 2)
+
+    # A late reading from before the cutoff: the next walk takes it, not every minute's run.
+    await store_all(db, store, site, [batch(agent_id(), 0, readings(
+        "u", "m.v", T0 + timedelta(hours=1), [9.0], 30.0))])
+    for minutes in range(1, 60):
+        skipped = await run_retention(db, now + timedelta(minutes=minutes), settings, memo)
+        assert (skipped.walked, skipped.telemetry) == (False, 0)
+    async with db.session() as session:
+        raw = await points(session, unit.id, "m.v", T0, now + timedelta(days=5))
+    assert [r.value for r in raw] == [9.0, 3.0]
+
+    second = await run_retention(db, now + timedelta(hours=1), settings, memo)
+    assert (second.walked, second.telemetry) == (True, 1)
+    async with db.session() as session:
+        raw = await points(session, unit.id, "m.v", T0, now + timedelta(days=5))
+    assert [r.value for r in raw] == [3.0]
 
 
 def test_floor_time_aligns_to_the_epoch() -> None:
