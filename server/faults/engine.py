@@ -12,12 +12,13 @@ Silence is judged against evidence that the site is still heard, not the wall cl
 ingest lags (a broker outage, a restart, an overload) or an agent replays its backlog, every
 unit looks silent at once, and opening a class A fault (and a ticket) for each would add work
 exactly when the server is behind. So while a site's agent is online, a unit is silent only for
-as long as its site's other data keeps arriving without it: the newest sample or event time of
-the site ahead of the unit's own newest sample (both the gateway's clock, so its offset cancels,
-and a backlog replayed in order moves both together; a unit the agent cannot reach also comes
-as the agent's own comm_lost events). Once the agent is offline (its will), or no agent
-of the site ever reported, the server's clock since the unit was last heard decides, as the
-`comm_loss` rule's `silence_s` says (agent or gateway offline).
+as long as its site's other data keeps arriving without it: the newest sample time of the site
+ahead of the unit's own newest sample (both the gateway's clock, so its offset cancels, and a
+backlog replayed in order moves both together; events travel apart from telemetry, so they do
+not count; a unit the agent cannot reach also comes as the agent's own comm_lost events). Once
+the agent is offline (its will), or no agent of the site ever reported, the server's clock
+since the unit was last heard decides, as the `comm_loss` rule's `silence_s` says (agent or
+gateway offline).
 
 What lives where. The database holds what matters: the open fault of a (unit, code) with its
 class, opened, last seen and clearing-since times (one open per unit and code: a unique partial
@@ -142,7 +143,7 @@ class FaultEngine:
         self.on_fault_cleared: list[FaultCallback] = []
         self._units: dict[int, _UnitState] = {}
         self._site_newest: dict[int, datetime] = {}
-        """Site id -> the newest sample or event time this process stored for the site."""
+        """Site id -> the newest sample time this process stored for the site (any unit)."""
         self._books: dict[tuple[str | None, str], RuleBook] = {}
         self._listening = f"emu.faults.{id(self)}"
         self._started = self.clock.monotonic()
@@ -171,8 +172,6 @@ class FaultEngine:
         self, session: AsyncSession, site: Site, unit: Unit | None, event: Event
     ) -> None:
         """Evaluate an event of a unit (comm_lost/restored, alarms); site events are ignored."""
-        if site.id is not None:
-            self._heard(site.id, event.ts)
         if unit is None:
             return
         st = await self._state(session, site, unit)
@@ -197,7 +196,7 @@ class FaultEngine:
                         await self._apply(session, st, slot, transitions)
 
     def _heard(self, site_id: int, ts: datetime | None) -> None:
-        """Move the site's newest sample or event time on."""
+        """Move the site's newest sample time on."""
         newest = self._site_newest.get(site_id)
         if ts is not None and (newest is None or ts > newest):
             self._site_newest[site_id] = ts

@@ -100,9 +100,10 @@ class Cycle:
 class Tick:
     """Wall time passed, for conditions that are the absence of data.
 
-    `quiet_s` is how long the server has heard nothing from the unit, by its own clock: a
-    gateway whose clock is off must not make its units look silent. Without it, the time since
-    the last sample's timestamp is used.
+    `quiet_s` is how long the unit has been silent as the engine judges it (the server's clock,
+    or, while its agent is online, how far its site's data is ahead of its own): a gateway
+    whose clock is off, or data that is late, must not make its units look silent. Without
+    it, the time since the last sample's timestamp is used.
     """
 
     now: datetime
