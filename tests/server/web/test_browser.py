@@ -136,3 +136,46 @@ async def test_customer_approves_a_session(world: World, db: Database, tmp_path:
         await screenshots(page, "ticket")
         await page.goto(f"{url}/tickets")
         await screenshots(page, "tickets")
+
+
+async def test_customer_confirms_and_signs_a_plan(world: World, db: Database,
+                                                  tmp_path: Path) -> None:
+    from server.upgrades.models import ReleasePackage, UpgradePlan
+    from tests.support.upgrades_seed import seed_upgrade_plan
+
+    customer = await _user(db, "customer", world.own.user_id)
+    async with db.session() as session:
+        plan_id, release_id = await seed_upgrade_plan(
+            session, world.own.org_id, world.own.site_id, world.own.unit_id, world.own.marker,
+            world.clock())
+        release = await session.get(ReleasePackage, release_id)
+        assert release is not None
+        release.manifest = {"fixes": {"fault_codes": ["over_temperature"], "tickets": []}}
+        session.add(release)
+        plan = await session.get(UpgradePlan, plan_id)
+        assert plan is not None
+        plan.state, plan.confirmed_window = "issued", None
+        plan.windows = [{"start": "2031-03-20T22:00", "end": "2031-03-21T02:00"},
+                        {"start": "2031-03-27T22:00", "end": "2031-03-28T02:00"}]
+        session.add(plan)
+    async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
+        page = await context.new_page()
+        await log_in(page, url, customer)
+        await page.get_by_role("link", name="Upgrade plans").click()
+        await expect(page.locator(f"tr[data-plan='{plan_id}']")).to_contain_text("issued")
+        await screenshots(page, "plans")
+        await page.locator(f"tr[data-plan='{plan_id}'] a").click()
+        await page.get_by_label("2031-03-27T22:00 to 2031-03-28T02:00").check()
+        await page.get_by_label("Maintenance personnel on site").fill("Li Wei\nAnna Berg")
+        await page.get_by_label("Signature").fill("Mei Chen")
+        await screenshots(page, "plan-issued")
+        await page.get_by_role("button", name="Confirm and sign").click()
+        await expect(page.locator(".plan-state")).to_have_text("confirmed")
+        await expect(page.get_by_text("signed by Mei Chen")).to_be_visible()
+        await screenshots(page, "plan-confirmed")
+    async with db.session() as session:
+        plan = await session.get(UpgradePlan, plan_id)
+        assert plan is not None
+        assert plan.confirmed_by == "Mei Chen"
+        assert plan.confirmed_personnel == ["Li Wei", "Anna Berg"]
+        assert plan.confirmed_window == {"start": "2031-03-27T22:00", "end": "2031-03-28T02:00"}

@@ -343,3 +343,27 @@ async def test_session_request_approve_revoke_and_recording(world: World, db: Da
         replay = (await cust.get(f"/sessions/{sid}/recordings/{rid}")).text
         assert "up 3 days" in replay
         assert "\x1b" not in replay
+
+
+async def test_plans_are_scoped_to_the_customer(world: World, db: Database) -> None:
+    from tests.support.upgrades_seed import seed_upgrade_plan
+
+    async with db.session() as session:
+        plan_id, _ = await seed_upgrade_plan(session, world.own.org_id, world.own.site_id,
+                                             world.own.unit_id, world.own.marker, world.clock())
+    async with client_for(world.app) as client:
+        await log_in(client, await _name_of(db, world.other.user_id))
+        assert (await client.get(f"/plans/{plan_id}")).status_code == 404
+        assert (await client.get(f"/plans/{plan_id}/document")).status_code == 404
+        assert world.own.marker not in (await client.get("/plans")).text
+    async with client_for(world.app) as client:
+        await log_in(client, await _name_of(db, world.own.user_id))
+        page = await client.get(f"/plans/{plan_id}")
+        assert page.status_code == 200
+        assert f"impact {world.own.marker}" in page.text
+        doc = await client.get(f"/plans/{plan_id}/document")
+        assert doc.headers["content-security-policy"] == "sandbox"
+        # a running plan cannot be confirmed again
+        r = await client.post(f"/plans/{plan_id}/confirm", data={
+            "window": "0", "personnel": "A", "signature": "B", "csrf_token": csrf_of(page.text)})
+        assert r.status_code == 409
