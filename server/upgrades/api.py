@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -28,7 +29,7 @@ from server.api.deps import (
     paginate,
 )
 from server.core.config import ServerSettings
-from server.errors import Forbidden, InvalidInput, NotFound
+from server.errors import InvalidInput, NotFound
 from server.schemas import Page
 from server.upgrades import plans as svc
 from server.upgrades import releases
@@ -45,6 +46,8 @@ from server.upgrades.schemas import (
 )
 
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+
+SERIES = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$"
 
 releases_router = APIRouter(prefix="/releases", tags=["releases"])
 plans_router = APIRouter(prefix="/plans", tags=["plans"])
@@ -74,7 +77,7 @@ async def upload_release(request: Request, session: SessionDep, user: StaffUser,
 
 @releases_router.get("", response_model=Page[ReleasePublic])
 async def list_releases(session: SessionDep, _user: StaffUser, page: PageDep,
-                        series: Annotated[str | None, Query(max_length=16)] = None,
+                        series: Annotated[str | None, Query(pattern=SERIES)] = None,
                         ) -> Page[ReleasePackage]:
     """Packages, newest upload first."""
     stmt = select(ReleasePackage)
@@ -93,16 +96,13 @@ async def get_release(session: SessionDep, _user: StaffUser,
 
 @releases_router.get("/{release_id}/download", response_class=FileResponse)
 async def download_release(session: SessionDep, settings: SettingsDep, now: NowDep,
-                           release_id: IdPath,
-                           exp: Annotated[int | None, Query(ge=0, le=2**40)] = None,
-                           sig: Annotated[str | None, Query(max_length=64)] = None,
+                           release_id: IdPath, exp: Annotated[int, Query(ge=0, le=2**40)],
+                           sig: Annotated[str, Query(pattern=r"^[0-9a-f]{64}$")],
                            ) -> FileResponse:
     """The payload for an agent, with `Range` support (a cut download resumes); the link's
     `exp` and `sig` are the credential (no bearer token)."""
-    if exp is None or sig is None:
-        raise Forbidden("a package download needs its signed link (exp and sig)")
-    releases.check_download(settings, release_id, exp, sig, now)
     row = await releases.get_release(session, release_id)
+    releases.check_download(settings, release_id, exp, sig, now)
     path = releases.releases_dir(settings) / row.path
     if not path.is_file():
         raise NotFound(f"release {release_id}: payload file missing on the server")
@@ -147,11 +147,16 @@ async def create_plan(session: SessionDep, user: StaffUser, now: NowDep,
     return await _public(session, plan, now)
 
 
+async def existing_plan(session: SessionDep, upgrade_plan_id: IdPath) -> UpgradePlan:
+    """The plan of the path, locked (404 before the body is looked at)."""
+    return await svc.get_plan(session, upgrade_plan_id, lock=True)
+
+
 @plans_router.put("/{upgrade_plan_id}", response_model=PlanPublic)
-async def replace_plan(session: SessionDep, user: StaffUser, now: NowDep, upgrade_plan_id: IdPath,
+async def replace_plan(session: SessionDep, user: StaffUser, now: NowDep,
+                       plan: Annotated[UpgradePlan, Depends(existing_plan)],
                        body: PlanFields) -> PlanPublic:
     """Rewrite a draft plan (after `revise`, an issued one)."""
-    plan = await svc.get_plan(session, upgrade_plan_id, lock=True)
     await svc.update_plan(session, plan, _input(body), actor=user.name, now=now)
     await session.commit()
     return await _public(session, plan, now)
@@ -159,7 +164,7 @@ async def replace_plan(session: SessionDep, user: StaffUser, now: NowDep, upgrad
 
 @plans_router.get("", response_model=Page[PlanPublic])
 async def list_plans(session: SessionDep, user: CurrentUser, page: PageDep, now: NowDep,
-                     state: Annotated[str | None, Query(max_length=16)] = None,
+                     state: Annotated[str | None, Query(pattern=r"^[a-z_]{1,16}$")] = None,
                      ) -> Page[PlanPublic]:
     """Plans the caller may see (a customer: its organisation's), newest first."""
     stmt = select(UpgradePlan)
@@ -273,13 +278,16 @@ async def list_documents(session: SessionDep, user: CurrentUser,
 @plans_router.get("/{upgrade_plan_id}/documents/{doc_version}.{fmt}")
 async def get_document(session: SessionDep, user: CurrentUser, upgrade_plan_id: IdPath,
                        doc_version: IdPath,
-                       fmt: Literal["html", "pdf"]) -> Response:
+                       fmt: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")],
+                       ) -> Response:
     """One version of the written plan as `html` or `pdf`."""
     await svc.get_plan(session, upgrade_plan_id, user)
     doc = (await session.exec(select(PlanDocument).where(
         PlanDocument.plan_id == upgrade_plan_id, PlanDocument.version == doc_version))).first()
     if doc is None:
         raise NotFound(f"plan {upgrade_plan_id} has no document version {doc_version}")
+    if fmt not in ("html", "pdf"):
+        raise NotFound("a document comes as .html or .pdf")
     if fmt == "pdf":
         name = f"upgrade-plan-{upgrade_plan_id}-v{doc_version}.pdf"
         return Response(doc.pdf, media_type="application/pdf",

@@ -7,10 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.schemas import MAX_ID
+from server.schemas import MAX_ID, Plain
 
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
-Text = Annotated[str, Field(max_length=20_000)]
+Text = Annotated[Plain, Field(max_length=20_000)]
+Name = Annotated[Plain, Field(min_length=1, max_length=200)]
 Version = Annotated[str, Field(pattern=r"^\d+(\.\d+){0,3}$", max_length=16)]
 
 
@@ -19,8 +20,8 @@ class Window(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start: Annotated[str, Field(max_length=32)]
-    end: Annotated[str, Field(max_length=32)]
+    start: Annotated[Plain, Field(max_length=32)]
+    end: Annotated[Plain, Field(max_length=32)]
 
 
 class Limits(BaseModel):
@@ -38,7 +39,7 @@ class PlanFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    title: Annotated[str, Field(min_length=1, max_length=200)]
+    title: Name
     release_id: Id
     site_ids: Annotated[list[Id], Field(min_length=1, max_length=1000)]
     from_versions: Annotated[list[Version], Field(max_length=50)] = []
@@ -70,10 +71,8 @@ class Confirmation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     window: Annotated[int, Field(ge=0, le=19, description="index into the plan's windows")]
-    personnel: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
-                         Field(min_length=1, max_length=20)]
-    signature: Annotated[str, Field(min_length=1, max_length=200,
-                                    description="the signer's full name")]
+    personnel: Annotated[list[Name], Field(min_length=1, max_length=20)]
+    signature: Annotated[Name, Field(description="the signer's full name")]
 
 
 class Checkin(BaseModel):
@@ -82,7 +81,7 @@ class Checkin(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     site_id: Id
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Name
 
 
 class Reason(BaseModel):
@@ -90,7 +89,7 @@ class Reason(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: Annotated[str, Field(max_length=2000)] = ""
+    reason: Annotated[Plain, Field(max_length=2000)] = ""
 
 
 class ReleasePublic(BaseModel):

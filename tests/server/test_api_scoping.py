@@ -152,7 +152,8 @@ VALID_BODY: dict[str, dict[str, Any]] = {
 }
 """Bodies for routes whose body has required fields (others are walked with `{}`)."""
 
-REQUIRED_QUERY = {"point": POINT, "month": NOW.strftime("%Y-%m")}
+REQUIRED_QUERY = {"point": POINT, "month": NOW.strftime("%Y-%m"),
+                  "exp": "1", "sig": "0" * 64}  # a package download's (forged) link
 """Values for required query parameters (both organisations' units have this point)."""
 
 
