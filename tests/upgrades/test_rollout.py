@@ -57,7 +57,7 @@ class Fleet:
         await self.engine.tick()
         self.loop.pump()
 
-    async def run_until(self, done: Callable[[], Any], what: str, limit_s: float = 60) -> Any:
+    async def run_until(self, done: Callable[[], Any], what: str, limit_s: float = 120) -> Any:
         """Tick until `done()` (awaitable) is truthy."""
 
         async def check() -> Any:
@@ -311,7 +311,7 @@ async def test_engine_survives_a_restart_and_never_sends_twice(fleet: Fleet) -> 
     async def done() -> bool:
         return bool((await fleet.state(pid))["state"] == "completed")
 
-    await fleet.run_until(done, "the rollout to complete after the restart")
+    await fleet.run_until(done, "the rollout to complete after the restart", limit_s=180)
     devices = [args["device"] for _, _, args in fleet.loop.sent]
     assert sorted(devices) == [f"bs-{n}" for n in range(1, 6)]  # each unit exactly once
 
