@@ -33,7 +33,7 @@ from server.api.errors import describe_validation
 from server.core.config import ServerSettings
 from server.core.db import Database
 from server.errors import ServerError
-from server.web import live, pages, plans, sessions, tickets
+from server.web import live, pages, plans, reports, sessions, tickets
 from server.web.auth import LoginRequired
 from server.web.render import render
 
@@ -91,7 +91,8 @@ def create_web_app(
     app.state.live = live.LiveHub()
     app.state.features = {"tickets": ("/tickets", "Tickets"),
                           "sessions": ("/sessions", "Remote sessions"),
-                          "plans": ("/plans", "Upgrade plans")}
+                          "plans": ("/plans", "Upgrade plans"),
+                          "sla": ("/sla", "SLA report")}
     secret = settings.secret_key
     if secret is None:  # only `emu demo` runs without one (see ServerSettings)
         secret = secrets.token_urlsafe(32)
@@ -106,6 +107,7 @@ def create_web_app(
     app.include_router(tickets.router)
     app.include_router(sessions.router)
     app.include_router(plans.router)
+    app.include_router(reports.router)
     app.include_router(live.router)
 
     @app.get("/favicon.ico", include_in_schema=False)

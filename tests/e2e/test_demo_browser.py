@@ -73,6 +73,9 @@ async def test_the_demo_tour_in_a_browser(tmp_path: Path) -> None:
             await screenshots(page, "demo-site")
             await page.goto(f"{url}/tickets")
             await screenshots(page, "demo-tickets")
+            await page.goto(f"{url}/sla")
+            await expect(page.locator("svg.chart").first).to_be_visible()
+            await screenshots(page, "demo-sla")
             await page.get_by_role("button", name="Log out").click()
 
             await log_in(page, url, "sunrise", pw["sunrise"])

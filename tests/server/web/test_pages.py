@@ -367,3 +367,19 @@ async def test_plans_are_scoped_to_the_customer(world: World, db: Database) -> N
         r = await client.post(f"/plans/{plan_id}/confirm", data={
             "window": "0", "personnel": "A", "signature": "B", "csrf_token": csrf_of(page.text)})
         assert r.status_code == 409
+
+
+async def test_sla_report_page(world: World, db: Database) -> None:
+    tid = await _ticket(db, world, "A")
+    month = world.clock().strftime("%Y-%m")
+    async with client_for(world.app) as client:
+        await log_in(client, await _staff_name(db, "engineer"))
+        page = await client.get(f"/sla?month={month}")
+        assert page.status_code == 200
+        assert "<svg" in page.text
+        assert f"SLA report {month}" in page.text
+        assert (await client.get("/sla?month=nope")).status_code == 422
+    async with client_for(world.app) as client:
+        await log_in(client, await _name_of(db, world.other.user_id))
+        assert world.own.marker not in (await client.get(f"/sla?month={month}")).text
+    assert tid
