@@ -18,6 +18,7 @@ from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from protocols.sessions import Scope
+from server.api.deps import get_visible
 from server.core.security import visible_sites
 from server.errors import InvalidInput, NotFound
 from server.models import Site, Unit, User
@@ -105,10 +106,7 @@ async def request_session(
     except ValueError as exc:
         raise InvalidInput(f"units: {exc}") from None
     async with request.app.state.db.session() as session:
-        ticket = (await session.exec(select(Ticket).where(
-            Ticket.id == ticket_id, visible_sites(user, col(Ticket.site_id))))).first()
-        if ticket is None:
-            raise NotFound(f"ticket {ticket_id} not found")
+        await get_visible(session, user, Ticket, ticket_id, col(Ticket.site_id))
         row = await ops_of(request).request(
             session, user, ticket_id=ticket_id, reason=reason, scope=scope,
             max_duration_s=minutes * 60, now=request.app.state.clock())

@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from server.api.deps import get_visible
 from server.core.security import visible_sites
 from server.errors import Forbidden, NotFound
 from server.models import Site, Unit, User
@@ -171,12 +172,7 @@ async def _tickets_fingerprint(session: AsyncSession, user: User) -> tuple[Any, 
 
 
 async def _visible_ticket(session: AsyncSession, user: User, ticket_id: int) -> Ticket:
-    ticket = (await session.exec(
-        select(Ticket).where(Ticket.id == ticket_id, visible_sites(user, col(Ticket.site_id)))
-    )).first()
-    if ticket is None:
-        raise NotFound(f"ticket {ticket_id} not found")
-    return ticket
+    return await get_visible(session, user, Ticket, ticket_id, col(Ticket.site_id))
 
 
 @router.get("/tickets", response_class=HTMLResponse, include_in_schema=False)
