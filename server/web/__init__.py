@@ -33,7 +33,7 @@ from server.api.errors import describe_validation
 from server.core.config import ServerSettings
 from server.core.db import Database
 from server.errors import ServerError
-from server.web import live, pages, plans, reports, sessions, tickets
+from server.web import commissioning, live, pages, plans, reports, sessions, tickets
 from server.web.auth import LoginRequired
 from server.web.render import render
 
@@ -92,6 +92,7 @@ def create_web_app(
     app.state.features = {"tickets": ("/tickets", "Tickets"),
                           "sessions": ("/sessions", "Remote sessions"),
                           "plans": ("/plans", "Upgrade plans"),
+                          "commissioning": ("/commissioning", "Commissioning"),
                           "sla": ("/sla", "SLA report")}
     secret = settings.secret_key
     if secret is None:  # only `emu demo` runs without one (see ServerSettings)
@@ -107,6 +108,7 @@ def create_web_app(
     app.include_router(tickets.router)
     app.include_router(sessions.router)
     app.include_router(plans.router)
+    app.include_router(commissioning.router)
     app.include_router(reports.router)
     app.include_router(live.router)
 

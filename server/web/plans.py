@@ -21,7 +21,7 @@ from server.errors import NotFound
 from server.models import User
 from server.upgrades import plans as svc
 from server.upgrades.models import PlanDocument, ReleasePackage, RolloutTarget, UpgradePlan
-from server.web.auth import Csrf, WebUser
+from server.web.auth import Csrf, StaffWebUser, WebUser
 from server.web.live import topic
 from server.web.render import render
 
@@ -114,3 +114,14 @@ async def confirm(
         await svc.confirm(session, plan, user, window=window, personnel=names,
                           signature=signature, now=request.app.state.clock())
     return RedirectResponse(f"/plans/{plan_id}", status_code=303)
+
+
+@router.get("/releases", response_class=HTMLResponse, include_in_schema=False)
+async def releases_page(request: Request, user: StaffWebUser) -> HTMLResponse:
+    """Accepted release packages (staff only): what each one fixes and which key signed it."""
+    async with request.app.state.db.session() as session:
+        rows = (await session.exec(
+            select(ReleasePackage).order_by(col(ReleasePackage.uploaded_at).desc(),
+                                            col(ReleasePackage.id).desc()).limit(MAX_ROWS)
+        )).all()
+    return render(request, "releases.html", {"user": user, "releases": rows})
