@@ -16,6 +16,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlmodel import select
@@ -31,7 +32,10 @@ from agent.config import (
 )
 from agent.service import Agent
 from emu.broker import embedded_broker
-from server.core.config import HttpSettings, MqttSettings, ServerSettings
+from protocols.firmware import FirmwareImage
+from protocols.packages import Fixes, build_full, sign_package
+from protocols.signing import Ed25519PrivateKey, generate_private_key, public_key_text
+from server.core.config import HttpSettings, MqttSettings, ServerSettings, UpgradeSettings
 from server.core.db import Database, migrate
 from server.core.passwords import set_password
 from server.main import ServerProcess
@@ -165,7 +169,9 @@ async def run_demo(
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
     mqtt_port = free_port()
     db_url = f"sqlite+aiosqlite:///{data_dir / 'emu-demo.db'}"
+    release_key = generate_private_key()  # fresh per run: the demo's release manager signs
     settings = ServerSettings(
+        upgrades=UpgradeSettings(release_keys=(public_key_text(release_key),)),
         demo=True, database_url=db_url, secret_key=secrets.token_urlsafe(32),
         data_dir=data_dir / "server",
         mqtt=MqttSettings(url=f"mqtt://{LOOPBACK}:{mqtt_port}", shared_group=None,
@@ -194,7 +200,8 @@ async def run_demo(
                 await agent.start()
             url = f"http://{LOOPBACK}:{proc.api_port}"
             injector = asyncio.create_task(inject_faults(sim, fault_every_s, stop))
-            tour_task = asyncio.create_task(tour(url, logins, sim, stop)) if scenario else None
+            tour_task = (asyncio.create_task(tour(url, logins, sim, stop, release_key))
+                         if scenario else None)
             if ready is not None:
                 ready(url, logins)
             if started is not None:
@@ -233,16 +240,53 @@ def _agent(site: DemoSite, sim: Simulator, index: int, per_site: int, mqtt_port:
     return Agent(settings)
 
 
-async def tour(url: str, logins: DemoLogins, sim: Simulator, stop: asyncio.Event) -> None:
+async def tour(url: str, logins: DemoLogins, sim: Simulator, stop: asyncio.Event,
+               release_key: Ed25519PrivateKey | None = None) -> None:
     """The scripted scenario, through the API as its users would: a phone ticket, a fault at
     once (which opens a ticket), then a remote-session request on that ticket for the
-    customer to approve. Failures are logged, never fatal: the demo goes on without them."""
+    customer to approve, then (with `release_key`) a signed release and an issued upgrade
+    plan for the customer to confirm and sign. Failures are logged, never fatal: the demo
+    goes on without them."""
     try:
         await _tour(url, logins, sim, stop)
+        if release_key is not None and not stop.is_set():
+            await _upgrade_plan(url, logins, sim, release_key)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("demo: the scripted tour stopped early")
+
+
+async def _upgrade_plan(url: str, logins: DemoLogins, sim: Simulator,
+                        key: Ed25519PrivateKey) -> None:
+    """The release manager uploads a signed release for the first site's units and issues a
+    written upgrade plan with a window tomorrow (site time) for its customer to confirm."""
+    import httpx
+
+    unit = sim.unit(1)  # the first site's first unit: its series is the release's
+    series = unit.profile.series
+    image = FirmwareImage(series, "1.1.0", bytes(range(256)) * 16).to_bytes()
+    pkg = sign_package(build_full(
+        image, created_at=datetime.now(UTC), notes="Smoother derating near the thermal limit",
+        fixes=Fixes(fault_codes=("derating",))), key)
+    manager = {"Authorization": f"Bearer {logins.tokens[RELEASE_MANAGER]}"}
+    async with httpx.AsyncClient(base_url=url + "/api/v1", headers=manager,
+                                 timeout=30) as api:
+        r = await api.post("/releases", content=pkg.to_bytes())
+        r.raise_for_status()
+        sites = {s["code"]: s["id"] for s in (await api.get("/sites")).json()["data"]}
+        day = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+        r = await api.post("/plans", json={
+            "title": f"{series} 1.1.0 for {SITES[0].name}", "release_id": r.json()["id"],
+            "site_ids": [sites[SITES[0].code]],
+            "windows": [{"start": f"{day}T10:00", "end": f"{day}T16:00"}],
+            "impact": "each unit stops for about two minutes while it restarts",
+            "personnel_required": "one electrician on site"})
+        r.raise_for_status()
+        plan_id = r.json()["id"]
+        r = await api.post(f"/plans/{plan_id}/issue")
+        r.raise_for_status()
+        log.warning("demo: release manager issued upgrade plan %s", plan_id)
 
 
 async def _tour(url: str, logins: DemoLogins, sim: Simulator, stop: asyncio.Event) -> None:

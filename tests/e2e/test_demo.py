@@ -54,6 +54,12 @@ async def test_demo_runs_and_shows_live_data(tmp_path: Path) -> None:
             customer = {"Authorization": f"Bearer {logins.tokens['sunrise']}"}
             sites = (await api.get("/api/v1/sites", headers=customer)).json()["data"]
             assert [s["code"] for s in sites] == ["site-sunrise"]
+
+            async def issued_plan() -> bool:  # the tour's release and written plan
+                r = await api.get("/api/v1/plans", headers=customer)
+                return any(p["state"] == "issued" for p in r.json()["data"])
+
+            await wait_for(issued_plan, 90, "the tour's issued upgrade plan")
     finally:
         stop.set()
         await wait_for(demo, 60, "the demo to stop")
