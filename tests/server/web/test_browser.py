@@ -179,3 +179,44 @@ async def test_customer_confirms_and_signs_a_plan(world: World, db: Database,
         assert plan.confirmed_by == "Mei Chen"
         assert plan.confirmed_personnel == ["Li Wei", "Anna Berg"]
         assert plan.confirmed_window == {"start": "2031-03-27T22:00", "end": "2031-03-28T02:00"}
+
+
+async def test_customer_acknowledges_a_commissioning_plan(world: World, db: Database,
+                                                          tmp_path: Path) -> None:
+    from server.commissioning import service
+    from tests.server.web.test_commissioning_pages import _issued_plan
+
+    plan_id = await _issued_plan(world, db)
+    customer = await _user(db, "customer", world.own.user_id)
+    async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
+        page = await context.new_page()
+        await log_in(page, url, customer)
+        await page.get_by_role("link", name="Commissioning").click()
+        await expect(page.locator(f"tr[data-cplan='{plan_id}']")).to_contain_text("issued")
+        await screenshots(page, "commissioning")
+        await page.locator(f"tr[data-cplan='{plan_id}'] a").click()
+        await page.get_by_label("I have read the written plan").check()
+        await screenshots(page, "commissioning-plan")
+        await page.get_by_role("button", name="Acknowledge").click()
+        await expect(page.get_by_role("heading", name="Acknowledge the plan")).to_have_count(0)
+        await screenshots(page, "commissioning-acknowledged")
+    async with db.session() as session:
+        plan = await service.get_plan(session, plan_id)
+        assert plan.acknowledged_by == customer
+
+
+async def test_engineer_sees_the_releases(world: World, db: Database, tmp_path: Path) -> None:
+    from tests.support.upgrades_seed import seed_upgrade_plan
+
+    async with db.session() as session:
+        await seed_upgrade_plan(session, world.own.org_id, world.own.site_id,
+                                world.own.unit_id, world.own.marker, world.clock())
+    engineer = await _user(db, "engineer")
+    async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
+        page = await context.new_page()
+        await log_in(page, url, engineer)
+        await page.get_by_role("link", name="Upgrade plans").click()
+        await page.get_by_role("link", name="Releases").click()
+        await expect(page.get_by_role("heading", name="Releases")).to_be_visible()
+        await expect(page.locator("tr[data-release]").first).to_contain_text("EMU-BS")
+        await screenshots(page, "releases")
