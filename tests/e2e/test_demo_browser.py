@@ -85,6 +85,13 @@ async def test_the_demo_tour_in_a_browser(tmp_path: Path) -> None:
             await page.get_by_role("button", name="Approve access").click()
             await expect(page.locator(".session-state")).to_have_text("approved")
             await screenshots(page, "demo-session-approved")
+            await page.get_by_role("link", name="Upgrade plans").click()
+            issued = page.locator("tr[data-state=issued] a").first  # the tour's written plan
+            await expect(issued).to_be_visible(timeout=60_000)
+            await screenshots(page, "demo-plans")
+            await issued.click()
+            await expect(page.get_by_role("button", name="Confirm and sign")).to_be_visible()
+            await screenshots(page, "demo-plan")
             other = await page.goto(f"{url}/sites/site-harbour")
             assert other is not None
             assert other.status == 404
