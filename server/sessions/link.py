@@ -133,6 +133,8 @@ def attach_acks(commands: CommandService, clock: Clock) -> None:
         if ack.result is AckResult.PROGRESS:
             return
         session_id = str((row.args or {}).get("session", ""))
+        if not session_id:
+            return  # a diagnostic sent outside a session (e.g. by staff directly)
         await diagnostics.attach_result(s, session_id, row.id, dict(row.args or {}),
                                         ack.result.value, dict(ack.detail), now=clock.now())
 
