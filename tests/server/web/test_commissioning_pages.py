@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 from sqlmodel import select
 
@@ -150,9 +152,10 @@ async def test_report_shows_pass_fail_with_evidence_and_downloads(world: World, 
 
 
 async def test_releases_page_is_for_staff(world: World, db: Database) -> None:
+    version = f"7.1.{secrets.randbelow(10**6)}"  # the session's database is shared by tests
     async with db.session() as session:
         session.add(ReleasePackage(
-            series="EMU-BS", version="7.1.0", sha256="0" * 64, size=1, image_sha256="0" * 64,
+            series="EMU-BS", version=version, sha256="0" * 64, size=1, image_sha256="0" * 64,
             signature="", path="none.bin", notes="fixes the fan curve",
             manifest={"key_id": "ab12cd34", "fixes": {"fault_codes": ["FAN_STALL"],
                                                        "tickets": [42]}}))
@@ -160,7 +163,7 @@ async def test_releases_page_is_for_staff(world: World, db: Database) -> None:
         await log_in(client, await _engineer(db))
         page = await client.get("/releases")
         assert page.status_code == 200
-        for text in ("7.1.0", "fixes the fan curve", "FAN_STALL", 'href="/tickets/42"',
+        for text in (version, "fixes the fan curve", "FAN_STALL", 'href="/tickets/42"',
                      "ab12cd34"):
             assert text in page.text
         assert 'href="/releases"' in (await client.get("/plans")).text
