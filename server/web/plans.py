@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -117,11 +117,23 @@ async def confirm(
 
 
 @router.get("/releases", response_class=HTMLResponse, include_in_schema=False)
-async def releases_page(request: Request, user: StaffWebUser) -> HTMLResponse:
-    """Accepted release packages (staff only): what each one fixes and which key signed it."""
+async def releases_page(
+    request: Request, user: StaffWebUser,
+    series: Annotated[str | None, Query(max_length=16)] = None,
+) -> HTMLResponse:
+    """Accepted release packages (staff only): what each one fixes and which key signed it.
+
+    Newest first; `series` narrows the list to one product line once it outgrows a page."""
+    query = select(ReleasePackage)
+    if series:
+        query = query.where(ReleasePackage.series == series)
     async with request.app.state.db.session() as session:
         rows = (await session.exec(
-            select(ReleasePackage).order_by(col(ReleasePackage.uploaded_at).desc(),
-                                            col(ReleasePackage.id).desc()).limit(MAX_ROWS)
+            query.order_by(col(ReleasePackage.uploaded_at).desc(),
+                           col(ReleasePackage.id).desc()).limit(MAX_ROWS)
         )).all()
-    return render(request, "releases.html", {"user": user, "releases": rows})
+        all_series = (await session.exec(
+            select(ReleasePackage.series).distinct().order_by(col(ReleasePackage.series))
+        )).all()
+    return render(request, "releases.html", {"user": user, "releases": rows,
+                                             "series": series or "", "all_series": all_series})

@@ -152,17 +152,20 @@ async def test_report_shows_pass_fail_with_evidence_and_downloads(world: World, 
 
 
 async def test_releases_page_is_for_staff(world: World, db: Database) -> None:
-    version = f"7.1.{secrets.randbelow(10**6)}"  # the session's database is shared by tests
+    # The session's database is shared by tests: this release gets a series of its own.
+    series, version = f"T-{secrets.token_hex(4)}", "7.1.0"
     async with db.session() as session:
         session.add(ReleasePackage(
-            series="EMU-BS", version=version, sha256="0" * 64, size=1, image_sha256="0" * 64,
+            series=series, version=version, sha256="0" * 64, size=1, image_sha256="0" * 64,
             signature="", path="none.bin", notes="fixes the fan curve",
             manifest={"key_id": "ab12cd34", "fixes": {"fault_codes": ["FAN_STALL"],
                                                        "tickets": [42]}}))
     async with client_for(world.app) as client:
         await log_in(client, await _engineer(db))
-        page = await client.get("/releases")
+        assert (await client.get("/releases")).status_code == 200
+        page = await client.get("/releases", params={"series": series})
         assert page.status_code == 200
+        assert f'<option value="{series}" selected>' in page.text
         for text in (version, "fixes the fan curve", "FAN_STALL", 'href="/tickets/42"',
                      "ab12cd34"):
             assert text in page.text
