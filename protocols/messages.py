@@ -52,12 +52,31 @@ ED25519_SIGNATURE_BYTES = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MIN_EPOCH_MS = 946_684_800_000  # 2000-01-01: anything smaller was probably sent in seconds
 _MAX_ERRORS = 5
+_TS_MEMO_SIZE = 4096
 
 # --- field types -------------------------------------------------------------------------
 
+_ts_memo: dict[str, datetime] = {}
+
 
 def _to_utc(value: object) -> datetime:
-    """Accept an aware datetime, an ISO-8601 string with offset, or epoch milliseconds."""
+    """Accept an aware datetime, an ISO-8601 string with offset, or epoch milliseconds.
+
+    Timestamp strings repeat: every reading of a poll cycle (~70 per unit) carries the same
+    one, so the ones that parsed are remembered (a bounded memo; datetimes are immutable).
+    """
+    if type(value) is str:
+        dt = _ts_memo.get(value)
+        if dt is None:
+            dt = _parse_utc(value)
+            if len(_ts_memo) >= _TS_MEMO_SIZE:
+                _ts_memo.clear()
+            _ts_memo[value] = dt
+        return dt
+    return _parse_utc(value)
+
+
+def _parse_utc(value: object) -> datetime:
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, bool):
@@ -111,6 +130,8 @@ PointValue = float | int | str | bool | None
 
 
 def _check_value(value: object) -> PointValue:
+    if type(value) is float and math.isfinite(value):  # most readings: one cheap test
+        return value
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -304,6 +325,19 @@ class TelemetryBatch(Message):
     seq: Seq
     sent_at: UtcDatetime | None = None
     points: tuple[TelemetryPoint, ...]
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> Self:
+        """Parse and validate a batch; MessageError says which field is wrong and how.
+
+        The common case, a valid plain batch, is parsed by pydantic-core straight from the
+        bytes (no Python dict per reading). Anything it refuses (an envelope, NaN, a broken
+        batch) takes the general path, which accepts the same and words the errors.
+        """
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError:
+            return super().from_bytes(payload)
 
     @classmethod
     def _unwrap(cls, obj: dict[str, Any]) -> dict[str, Any]:

@@ -250,6 +250,51 @@ def test_batches_round_trip_plain_and_compressed(
     assert [type(p.value) for p in back.points] == [type(v) for v, _, _ in rows]
 
 
+def _general_path(payload: bytes) -> TelemetryBatch | str:
+    """What `from_bytes` did before its fast path: json.loads, then validate the objects."""
+    try:
+        general: TelemetryBatch = Message.from_bytes.__func__(  # type: ignore[attr-defined]
+            TelemetryBatch, payload)
+        return general
+    except MessageError as exc:
+        return str(exc)
+
+
+_JSON_ODDITIES = st.sampled_from([
+    "NaN", "Infinity", "-Infinity", "1e400", "-0.0", "1.0", "1", "true", "null", "[]", "{}",
+    '"\\ud800"', '"2026-11-25T14:00:00Z"', "0.1000000000000000055511151231257827",
+    "18446744073709551616", "946684799999", "946684800000", '"2026-11-25T14:00:00"',
+    '"2026-11-25T22:00:00+08:00"', '"20261125T140000Z"', '"2026-11-25 14:00:00Z"', '"1.5"',
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["device", "point", "ts", "value", "quality", "x"]),
+                          st.one_of(_JSON_ODDITIES, _VALUES.map(json.dumps))),
+                max_size=4),
+       st.sampled_from(["", ',"seq":2', ',"sent_at":1764079200000', ',"x":1']))
+def test_fast_path_accepts_what_the_general_path_accepts_and_nothing_else(
+    changes: list[tuple[str, str]], tail: str
+) -> None:
+    fields = {"device": '"u"', "point": '"p"', "ts": '"2026-11-25T14:00:00Z"',
+              "value": "1.5", "quality": '"good"'}
+    fields.update(changes)
+    point = "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
+    payload = ('{"agent":"gw","seq":1,"points":[' + point + "]" + tail + "}").encode()
+    expected = _general_path(payload)
+    try:
+        got: TelemetryBatch | str = TelemetryBatch.from_bytes(payload)
+    except MessageError as exc:
+        got = str(exc)
+    if isinstance(expected, TelemetryBatch):
+        assert isinstance(got, TelemetryBatch)
+        assert got == expected
+        assert [type(p.value) for p in got.points] == [type(p.value) for p in expected.points]
+        assert all(p.ts.tzinfo is UTC for p in got.points)
+    else:
+        assert got == expected  # the same words
+
+
 def test_compressed_envelope() -> None:
     batch = TelemetryBatch.from_bytes(_bytes(_batch(*[_point(point=f"p{i}") for i in range(50)])))
     wire = encode_batch(batch, compress=True)
