@@ -93,6 +93,7 @@ SILENCE_FLOOR_S = 10.0
 """`tick` looks in the database only for units silent at least this long."""
 OPEN = "open"
 CLEARED = "cleared"
+_NO_POLICY = policy_key(None)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class FaultEngine:
     ) -> None:
         self.clock = clock or SystemClock()
         self.policy = dict(policy or {})
+        self._policy_key = policy_key(self.policy)  # a key per call cost json.dumps per unit
         self.live_s = live_s
         self.touch_s = touch_s
         self.on_fault_opened: list[FaultCallback] = []
@@ -156,17 +158,24 @@ class FaultEngine:
         st = await self._state(session, site, unit)
         self._track(session, st)
         book = self._books[st.book_key]
-        for cycle in build_cycles((p for p in points if p.device == unit.device), book.points):
+        device = st.device  # not `unit.device`: an ORM attribute costs per reading
+        own = [p for p in points if p.device == device]
+        cycles = build_cycles(own, book.points)
+        for cycle in cycles:
             if st.watermark is not None and cycle.ts < st.watermark:
                 continue
             st.watermark = cycle.ts
             for slot in st.slots.values():
-                await self._apply(session, st, slot, slot.machine.feed(cycle))
+                transitions = slot.machine.feed(cycle)
+                if transitions:  # most cycles change nothing: no coroutine for them
+                    await self._apply(session, st, slot, transitions)
         st.arrived = self.clock.monotonic()
-        newest = max((p.ts for p in points if p.device == unit.device), default=None)
+        newest = cycles[-1].ts if cycles else None  # oldest first
         if newest is not None and (st.newest is None or newest > st.newest):
             st.newest = newest
-        self._heard(st.site_id, max((p.ts for p in points), default=None))
+        if len(own) < len(points):
+            newest = max((p.ts for p in points), default=None)
+        self._heard(st.site_id, newest)
 
     async def on_event(
         self, session: AsyncSession, site: Site, unit: Unit | None, event: Event
@@ -238,7 +247,8 @@ class FaultEngine:
     def _book_key(self, site: Site, unit: Unit) -> tuple[str | None, str]:
         series = _series_of(unit)
         site_policy = (site.policy or {}).get(POLICY_KEY)
-        key = (series, f"{policy_key(self.policy)}|{policy_key(site_policy)}")
+        site_key = policy_key(site_policy) if site_policy else _NO_POLICY
+        key = (series, f"{self._policy_key}|{site_key}")
         if key not in self._books:
             book = load_rulebook(series)
             try:

@@ -114,18 +114,32 @@ Observation: TypeAlias = Cycle | Event | Tick
 
 
 def build_cycles(points: Iterable[TelemetryPoint], watched: Container[str]) -> list[Cycle]:
-    """Group one unit's samples into cycles by timestamp, oldest first."""
-    by_ts: dict[datetime, tuple[dict[str, PointValue], dict[str, Quality], Counter[Quality]]] = {}
+    """Group one unit's samples into cycles by timestamp, oldest first.
+
+    Runs once per reading: a cycle's samples usually follow each other and share one
+    timestamp object, so the slot is looked up only when the timestamp changes, and the
+    qualities are counted in one go at the end.
+    """
+    by_ts: dict[datetime, tuple[dict[str, PointValue], dict[str, Quality], list[Quality]]] = {}
+    last: datetime | None = None
+    values: dict[str, PointValue] = {}
+    qualities: dict[str, Quality] = {}
+    seen: list[Quality] = []
     for p in points:
-        slot = by_ts.get(p.ts)
-        if slot is None:
-            slot = by_ts[p.ts] = ({}, {}, Counter())
-        slot[2][p.quality] += 1
+        ts = p.ts
+        if ts is not last:
+            slot = by_ts.get(ts)
+            if slot is None:
+                slot = by_ts[ts] = ({}, {}, [])
+            values, qualities, seen = slot
+            last = ts
+        quality = p.quality
+        seen.append(quality)
         if p.point in watched:
-            slot[1][p.point] = p.quality
-            if p.quality in READABLE and p.value is not None:
-                slot[0][p.point] = p.value
-    return [Cycle(ts, v, q, c) for ts, (v, q, c) in sorted(by_ts.items())]
+            qualities[p.point] = quality
+            if quality in READABLE and p.value is not None:
+                values[p.point] = p.value
+    return [Cycle(ts, v, q, Counter(c)) for ts, (v, q, c) in sorted(by_ts.items())]
 
 
 def _number(value: PointValue) -> float | None:
@@ -592,16 +606,19 @@ class RuleMachine:
     triggers: Sequence[Monitor] = field(init=False)
     escalations: Sequence[Monitor] = field(init=False)
     last_cycle: datetime | None = field(default=None, init=False)
+    monitors: tuple[Monitor, ...] = field(init=False)
+    """Triggers, then escalations (fed every observation)."""
 
     def __post_init__(self) -> None:
         self.triggers = [monitor(c, self.catalog, self.alive_hint) for c in self.rule.triggers]
         self.escalations = [monitor(c, self.catalog, self.alive_hint)
                             for c in self.rule.escalations]
+        self.monitors = (*self.triggers, *self.escalations)
 
     @property
     def timed(self) -> bool:
         """Whether wall time alone can change this rule (communication loss)."""
-        return any(m.timed for m in (*self.triggers, *self.escalations))
+        return any(m.timed for m in self.monitors)
 
     @property
     def clearing(self) -> bool:
@@ -612,7 +629,7 @@ class RuleMachine:
         """Observe, then step the state machine."""
         if isinstance(obs, Tick):
             at = obs.now
-            for m in (*self.triggers, *self.escalations):
+            for m in self.monitors:
                 m.time(obs)
             return self._step(at, tick=True)
         at = obs.ts
@@ -622,10 +639,11 @@ class RuleMachine:
             if self.last_cycle is not None and at < self.last_cycle:
                 return []
             self.last_cycle = at
-        for m in (*self.triggers, *self.escalations):
-            if isinstance(obs, Cycle):
+        if isinstance(obs, Cycle):
+            for m in self.monitors:
                 m.cycle(obs)
-            else:
+        else:
+            for m in self.monitors:
                 m.event(obs)
         return self._step(at, tick=False)
 
