@@ -8,6 +8,11 @@ batch carries them with the current timestamp, so the server does the work it wo
 real fleet (validation, new series on first sight, fault rules, storage) at a fraction of the
 cost of running the fleet's Modbus polling.
 
+Like an agent, each site says it is there: a retained `online` status (the `Status` a real
+agent publishes at connect) once connected, with the retained `offline` status as its MQTT
+last will and published again before a clean disconnect. So the server judges the silence
+of a load-test site's units as it does for a real site (against its agent being online).
+
 Sites publish evenly spread over the interval (site k of n at k/n of it), all from one
 thread that drives every paho client through one selector (paho's external-loop API), so a
 thousand connections cost a thousand sockets, not a thousand threads. Publishing falls
@@ -31,6 +36,8 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from agent import __version__ as AGENT_VERSION
+from protocols.messages import AgentState, Status
 from protocols.profiles import load_profile
 from protocols.registers import PointType
 from protocols.topics import TopicKind, topic
@@ -75,6 +82,8 @@ class LoadResult:
     behind_max_s: float = 0.0
     cpu_s: float = 0.0
     disconnects: int = 0
+    statuses: int = 0
+    """Status messages published (`online` at connect, `offline` before the end)."""
     publishes: list[tuple[str, int, float]] = field(default_factory=list)
     """(agent, seq, wall time of the publish call) of every batch."""
 
@@ -116,6 +125,12 @@ def batch_template(readings: list[tuple[str, list[tuple[str, Any]]]]) -> tuple[b
     return json.dumps(points, separators=(",", ":")).encode(), len(points)
 
 
+def status(code: str, state: AgentState) -> bytes:
+    """The status payload a site's agent publishes (its agent id is the site code)."""
+    return Status(state=state, agent=code, version=AGENT_VERSION,
+                  ts=datetime.fromtimestamp(time.time(), UTC)).to_bytes()
+
+
 def _iso(wall: float) -> bytes:
     text = datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
     return text.replace("+00:00", "Z").encode()
@@ -129,6 +144,9 @@ class _Site:
         self.client = client
         self.seq = seq
         self.topic = topic(code, TopicKind.TELEMETRY)
+        self.status_topic = topic(code, TopicKind.STATUS)
+        self.status_mids: set[int] = set()
+        """Status publishes not yet acknowledged (not counted as batches)."""
         self.connected = False
         self.sock: mqtt.SocketLike | None = None
 
@@ -151,7 +169,8 @@ class FleetLoad:
         self.sites: list[_Site] = []
 
     # -- connections ----------------------------------------------------------------------
-    def _connect_all(self) -> None:
+    def connect(self) -> None:
+        """Connect every site (each says `online`); SimulatorError if one is refused."""
         for n in range(self.config.sites):
             code = site_code(self.config.prefix, n)
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"emu-load-{code}",
@@ -160,9 +179,11 @@ class FleetLoad:
                 client.username_pw_set(self.config.username, self.config.password)
             site = _Site(code, client, self.config.first_seq)
             client.on_connect = self._on_connect(site)
-            client.on_publish = self._on_publish
+            client.on_publish = self._on_publish(site)
             client.on_disconnect = self._on_disconnect(site)
             client.max_inflight_messages_set(50)
+            client.will_set(site.status_topic, status(code, AgentState.OFFLINE), qos=1,
+                            retain=True)
             if client.connect(self.host, self.port, keepalive=60) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise SimulatorError(f"cannot connect site {code} to {self.config.url}")
             site.sock = client.socket()
@@ -181,6 +202,7 @@ class FleetLoad:
             if reason.is_failure:
                 raise SimulatorError(f"{self.config.url} refused site {site.code}: {reason}")
             site.connected = True
+            self._publish_status(site, AgentState.ONLINE)
         return on_connect
 
     def _on_disconnect(self, site: _Site) -> Callable[..., None]:
@@ -192,8 +214,19 @@ class FleetLoad:
                 site.sock = None
         return on_disconnect
 
-    def _on_publish(self, _c: mqtt.Client, _u: Any, _mid: int, _r: Any, _p: Any) -> None:
-        self.result.acked += 1
+    def _on_publish(self, site: _Site) -> Callable[..., None]:
+        def on_publish(_c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+            if mid in site.status_mids:
+                site.status_mids.discard(mid)
+            else:
+                self.result.acked += 1
+        return on_publish
+
+    def _publish_status(self, site: _Site, state: AgentState) -> None:
+        info = site.client.publish(site.status_topic, status(site.code, state), qos=1,
+                                   retain=True)
+        site.status_mids.add(info.mid)
+        self.result.statuses += 1
 
     def _pump(self, timeout: float) -> None:
         """One round of socket I/O for every client that has something to do."""
@@ -227,20 +260,33 @@ class FleetLoad:
         """Connect every site, publish for `duration_s`, wait for the PUBACKs, disconnect."""
         cpu0 = os.times()
         try:
-            self._connect_all()
+            self.connect()
             self._schedule()
             deadline = self.clock() + DRAIN_TIMEOUT_S
             while self.result.acked < self.result.published and self.clock() < deadline:
                 self._pump(0.05)
             self.result.end = time.time()
+            self._say_offline(deadline)
         finally:
-            for site in self.sites:
-                if site.sock is not None:
-                    site.client.disconnect()  # calls on_disconnect, which unregisters
-            self.sel.close()
+            self.close()
         cpu1 = os.times()
         self.result.cpu_s = round(cpu1.user - cpu0.user + cpu1.system - cpu0.system, 3)
         return self.result
+
+    def close(self) -> None:
+        """Disconnect every site still connected (no `offline`: see `run`) and stop."""
+        for site in self.sites:
+            if site.sock is not None:
+                site.client.disconnect()  # calls on_disconnect, which unregisters
+        self.sel.close()
+
+    def _say_offline(self, deadline: float) -> None:
+        """`offline` (retained) from every connected site, as an agent that stops cleanly."""
+        for site in self.sites:
+            if site.connected:
+                self._publish_status(site, AgentState.OFFLINE)
+        while any(s.status_mids for s in self.sites if s.connected) and self.clock() < deadline:
+            self._pump(0.05)
 
     def _schedule(self) -> None:
         cfg = self.config
