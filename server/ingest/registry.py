@@ -36,6 +36,11 @@ from server.models import Agent, Series, Site, Unit
 
 SITE_TTL_S = 30.0
 """How long a known site is trusted before it is read again (policy or time zone changes)."""
+SITE_AHEAD_S = 10.0
+"""A site read again also reads every known site that would expire within this, in the same
+query: a fleet of small sites costs a few queries per `SITE_TTL_S`, not one per site."""
+SITE_READ_MAX = 500
+"""Most site codes in one such query."""
 MISSING_TTL_S = 5.0
 """How long an unknown site code or agent id is remembered as unknown."""
 DEVICE_MAX = 64
@@ -162,14 +167,24 @@ class Registry:
 
     # -- sites ----------------------------------------------------------------------------
     async def site(self, session: AsyncSession, code: str) -> Site | None:
-        """The site whose topic code is `code`, or None (both cached for a while)."""
+        """The site whose topic code is `code`, or None (both cached for a while).
+
+        Known sites about to expire are read again in the same query (`SITE_AHEAD_S`).
+        """
         now = self.clock.monotonic()
         hit = self._sites.get(code)
         if hit is not None and hit[1] > now:
             return hit[0]
-        found = (await session.exec(select(Site).where(Site.code == code))).first()
-        self._sites[code] = (found, now + (SITE_TTL_S if found is not None else MISSING_TTL_S))
-        return found
+        soon = now + SITE_AHEAD_S
+        codes = [code, *itertools.islice(
+            (c for c, (site, until) in self._sites.items()
+             if site is not None and until <= soon and c != code), SITE_READ_MAX - 1)]
+        rows = await session.exec(select(Site).where(col(Site.code).in_(codes)))
+        found = {site.code: site for site in rows.all()}
+        for c in codes:
+            site = found.get(c)
+            self._sites[c] = (site, now + (SITE_TTL_S if site is not None else MISSING_TTL_S))
+        return found.get(code)
 
     def peek_site(self, code: str) -> tuple[bool, Site | None]:
         """(known, site) from the cache alone: (False, None) means "ask `site`"."""

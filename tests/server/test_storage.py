@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import select
 
+from protocols.clock import ManualClock
 from protocols.messages import (
     AgentState,
     EventBatch,
@@ -26,7 +27,7 @@ from protocols.messages import (
 from server.core.config import StorageSettings
 from server.core.db import Database, migrate_sync
 from server.errors import IngestError
-from server.ingest.registry import Registry
+from server.ingest.registry import SITE_AHEAD_S, SITE_TTL_S, Registry
 from server.models import Agent, Event, IngestedBatch, Site, Unit
 from server.scheduler_jobs import RetentionMemo, floor_time, run_retention, run_rollups
 from server.storage import PointRow, ReadingsClash, TelemetryStore, points, rollups
@@ -480,3 +481,30 @@ def test_the_registry_knows_each_shipped_model() -> None:
     from server.ingest.registry import series_by_model
 
     assert series_by_model()[MODEL] == SERIES
+
+
+async def test_sites_about_to_expire_are_read_again_in_one_query(db: Database) -> None:
+    """1,000 small sites must not cost 1,000 site queries per SITE_TTL_S (the fleet bench)."""
+    a, b, c = [await make_site(db) for _ in range(3)]
+    clock = ManualClock()
+    registry = Registry(clock)
+    async with db.session() as session:
+        assert await registry.site(session, a.code) is not None
+        clock.advance(SITE_TTL_S - SITE_AHEAD_S - 1)
+        assert await registry.site(session, b.code) is not None
+    async with db.session() as session:
+        row = (await session.exec(select(Site).where(Site.code == a.code))).one()
+        row.timezone = "Asia/Shanghai"
+    clock.advance(3)  # a expires within SITE_AHEAD_S, b does not
+    queries: list[str] = []
+    sa.event.listen(db.engine.sync_engine, "before_cursor_execute",
+                    lambda *args: queries.append(args[2]))
+    async with db.session() as session:
+        assert await registry.site(session, c.code) is not None
+    assert len([q for q in queries if "FROM site" in q]) == 1
+    clock.advance(SITE_TTL_S - 2)  # b's one read has expired; a was read again with c
+    hit, site_a = registry.peek_site(a.code)
+    assert hit
+    assert site_a is not None
+    assert site_a.timezone == "Asia/Shanghai"
+    assert registry.peek_site(b.code) == (False, None)  # it was not due then
