@@ -341,7 +341,7 @@ class TelemetryStore:
                     missing.setdefault((site_id, p.device), set()).add(p.point)
                     continue
                 ts = p.ts
-                if ts != last_ts:
+                if ts is not last_ts and ts != last_ts:  # a cycle's readings share one object
                     last_ts = ts
                     stamp = sqlite_ts(ts) if sqlite else ts
                 value = p.value
@@ -354,7 +354,7 @@ class TelemetryStore:
                 else:
                     yield (sid, stamp, float(value), None, codes[p.quality])
                 acc.points.append(p)
-                if newest is None or ts > newest:
+                if newest is None or (ts is not newest and ts > newest):
                     newest = ts
             if acc is not None:
                 acc.newest = newest
