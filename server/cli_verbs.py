@@ -43,7 +43,7 @@ Column = tuple[str, str, Callable[[Any], str] | None]
 
 
 @contextmanager
-def _api(server: str, token: str | None) -> Iterator[ApiClient]:
+def api_client(server: str, token: str | None) -> Iterator[ApiClient]:
     """A client for the duration of a verb; client errors become a message and exit 1."""
     if not token:
         raise typer.BadParameter(f"no API token: pass --token or set {TOKEN_ENV}",
@@ -68,7 +68,7 @@ def _env_connection() -> tuple[str, str | None]:
     return os.environ.get(SERVER_ENV, DEFAULT_SERVER), os.environ.get(TOKEN_ENV)
 
 
-def _when(value: Any) -> str:
+def format_time(value: Any) -> str:
     """An API timestamp as `YYYY-MM-DD HH:MM:SS` UTC."""
     if not isinstance(value, str):
         return "-"
@@ -102,20 +102,24 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> No
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
+    """`--json` output: the API's own shape, for scripts."""
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-def _print_record(data: dict[str, Any], skip: Sequence[str] = ()) -> None:
+def print_record(data: dict[str, Any], skip: Sequence[str] = ()) -> None:
+    """One object as aligned `key  value` lines; timestamps shown in UTC."""
     width = max(len(k) for k in data)
     for key, value in data.items():
         if key in skip:
             continue
-        shown = _when(value) if key.endswith(("_at", "_seen", "_since")) and value else _cell(value)
+        timestamp = key.endswith(("_at", "_seen", "_since")) and value
+        shown = format_time(value) if timestamp else _cell(value)
         typer.echo(f"{key.ljust(width)}  {shown}")
 
 
-def _footer(page: dict[str, Any]) -> None:
+def print_footer(page: dict[str, Any]) -> None:
+    """Say when a list shows only part of what matched."""
     shown = len(page["data"])
     if page["count"] > shown:
         typer.echo(f"({shown} of {page['count']}; use --limit/--offset for more)")
@@ -154,20 +158,20 @@ SITE_COLUMNS: list[Column] = [
 UNIT_COLUMNS: list[Column] = [
     ("id", "ID", None), ("device", "DEVICE", None), ("model", "MODEL", None),
     ("serial", "SERIAL", None), ("firmware", "FIRMWARE", None),
-    ("comm_lost", "COMM LOST", None), ("last_seen", "LAST SEEN", _when),
+    ("comm_lost", "COMM LOST", None), ("last_seen", "LAST SEEN", format_time),
 ]
 
 
 def _list_sites(
     server: str, token: str | None, org: int | None, limit: int, offset: int, as_json: bool
 ) -> None:
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         page = api.get("/sites", org_id=org, limit=limit, offset=offset)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     print_table(page["data"], SITE_COLUMNS)
-    _footer(page)
+    print_footer(page)
 
 
 @sites_app.callback()
@@ -199,7 +203,7 @@ def sites_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One site and its units."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         if site.isdigit():
             record = api.get(f"/sites/{int(site)}")
         else:
@@ -209,9 +213,9 @@ def sites_show(
             record = found[0]
         units = api.get("/units", site_id=record["id"], limit=1000)
     if as_json:
-        _print_json({**record, "units": units["data"]})
+        print_json({**record, "units": units["data"]})
         return
-    _print_record(record)
+    print_record(record)
     typer.echo("")
     print_table(units["data"], UNIT_COLUMNS)
 
@@ -226,19 +230,19 @@ faults_app = typer.Typer(
 FAULT_COLUMNS: list[Column] = [
     ("id", "ID", None), ("fault_class", "CLASS", None), ("state", "STATE", None),
     ("site_id", "SITE", None), ("unit_id", "UNIT", None), ("code", "CODE", None),
-    ("title", "TITLE", None), ("opened_at", "OPENED (UTC)", _when),
-    ("cleared_at", "CLEARED (UTC)", _when),
+    ("title", "TITLE", None), ("opened_at", "OPENED (UTC)", format_time),
+    ("cleared_at", "CLEARED (UTC)", format_time),
 ]
 
 
 def _list_faults(server: str, token: str | None, as_json: bool, **params: Any) -> None:
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         page = api.get("/faults", **params)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     print_table(page["data"], FAULT_COLUMNS)
-    _footer(page)
+    print_footer(page)
 
 
 @faults_app.callback()
@@ -286,26 +290,26 @@ def faults_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One fault with its evidence."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         record = api.get(f"/faults/{fault_id}")
     if as_json:
-        _print_json(record)
+        print_json(record)
         return
-    _print_record(record)
+    print_record(record)
 
 
 # --- emu telemetry ---------------------------------------------------------------------------
 
 POINT_COLUMNS: list[Column] = [
     ("point", "POINT", None), ("value", "VALUE", None), ("text", "TEXT", None),
-    ("quality", "QUALITY", None), ("ts", "TIME (UTC)", _when),
+    ("quality", "QUALITY", None), ("ts", "TIME (UTC)", format_time),
 ]
 RAW_COLUMNS: list[Column] = [
-    ("ts", "TIME (UTC)", _when), ("value", "VALUE", None), ("text", "TEXT", None),
+    ("ts", "TIME (UTC)", format_time), ("value", "VALUE", None), ("text", "TEXT", None),
     ("quality", "QUALITY", None),
 ]
 ROLLUP_COLUMNS: list[Column] = [
-    ("ts", "BUCKET (UTC)", _when), ("value", "MEAN", None), ("min", "MIN", None),
+    ("ts", "BUCKET (UTC)", format_time), ("value", "MEAN", None), ("min", "MIN", None),
     ("max", "MAX", None), ("count", "N", None),
 ]
 
@@ -327,22 +331,22 @@ def telemetry(
 ) -> None:
     """Readings of a unit: the latest value of every point, or with --point a time series."""
     if point is None:
-        with _api(server, token) as api:
+        with api_client(server, token) as api:
             points = api.get(f"/units/{unit_id}/points")
         if as_json:
-            _print_json(points)
+            print_json(points)
         else:
             print_table(points, POINT_COLUMNS)
         return
     start = parse_since(since)
     end = parse_since(until) if until else None
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         series = api.get(
             f"/units/{unit_id}/telemetry", point=point, rollup=rollup, limit=limit,
             start=start.isoformat(), end=end.isoformat() if end else None,
         )
     if as_json:
-        _print_json(series)
+        print_json(series)
         return
     print_table(series["samples"], RAW_COLUMNS if rollup == "raw" else ROLLUP_COLUMNS)
     if series["truncated"]:
@@ -355,11 +359,12 @@ users_app = typer.Typer(help="Users of the API (admin), and who you are.", no_ar
 
 USER_COLUMNS: list[Column] = [
     ("id", "ID", None), ("name", "NAME", None), ("role", "ROLE", None),
-    ("org_id", "ORG", None), ("email", "E-MAIL", None), ("created_at", "CREATED (UTC)", _when),
+    ("org_id", "ORG", None), ("email", "E-MAIL", None),
+    ("created_at", "CREATED (UTC)", format_time),
 ]
 TOKEN_COLUMNS: list[Column] = [
-    ("id", "ID", None), ("name", "NAME", None), ("created_at", "CREATED (UTC)", _when),
-    ("expires_at", "EXPIRES (UTC)", _when), ("last_used", "LAST USED (UTC)", _when),
+    ("id", "ID", None), ("name", "NAME", None), ("created_at", "CREATED (UTC)", format_time),
+    ("expires_at", "EXPIRES (UTC)", format_time), ("last_used", "LAST USED (UTC)", format_time),
 ]
 DaysOpt = Annotated[
     float | None,
@@ -371,12 +376,12 @@ DaysOpt = Annotated[
 def users_me(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
              as_json: JsonOpt = False) -> None:
     """The user your token belongs to."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         record = api.get("/users/me")
     if as_json:
-        _print_json(record)
+        print_json(record)
     else:
-        _print_record(record)
+        print_record(record)
 
 
 @users_app.command("list")
@@ -391,13 +396,13 @@ def users_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List users (admin)."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         page = api.get("/users", role=role, org_id=org, limit=limit)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     print_table(page["data"], USER_COLUMNS)
-    _footer(page)
+    print_footer(page)
 
 
 @users_app.command("set-password")
@@ -416,7 +421,7 @@ def users_set_password(
         password = typer.prompt("new password", hide_input=True, confirmation_prompt=True)
     if not 10 <= len(password) <= 200:
         raise typer.BadParameter("use 10 to 200 characters", param_hint="password")
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         api.post(f"/users/{user_id}/password", {"password": password})
     typer.echo(f"password of user {user_id} set")
 
@@ -437,7 +442,7 @@ def users_create(
 ) -> None:
     """Create a user (admin); a customer needs --org."""
     body = {"name": name, "role": role, "org_id": org, "email": email}
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         user = api.post("/users", body)
         issued = (
             api.post(f"/users/{user['id']}/tokens", {"name": "initial", "expires_in_days": days}
@@ -445,9 +450,9 @@ def users_create(
             if with_token else None
         )
     if as_json:
-        _print_json({**user, "token": issued})
+        print_json({**user, "token": issued})
         return
-    _print_record(user)
+    print_record(user)
     if issued:
         typer.echo(f"\ntoken (shown once): {issued['token']}")
 
@@ -459,10 +464,10 @@ tokens_app = typer.Typer(help="Your own API tokens.", no_args_is_help=True)
 def tokens_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
                 as_json: JsonOpt = False) -> None:
     """Your tokens (metadata only)."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         page = api.get("/users/me/tokens", limit=1000)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     print_table(page["data"], TOKEN_COLUMNS)
 
@@ -485,12 +490,12 @@ def tokens_create(
         body["expires_in_days"] = None
     elif days is not None:
         body["expires_in_days"] = days
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         created = api.post("/users/me/tokens", body)
     if as_json:
-        _print_json(created)
+        print_json(created)
         return
-    _print_record(created, skip=("token",))
+    print_record(created, skip=("token",))
     typer.echo(f"\ntoken (shown once): {created['token']}")
 
 
@@ -501,7 +506,7 @@ def tokens_revoke(
     token: TokenOpt = None,
 ) -> None:
     """Revoke one of your tokens."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         api.delete(f"/users/me/tokens/{token_id}")
     typer.echo(f"token {token_id} revoked")
 

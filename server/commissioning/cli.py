@@ -21,10 +21,10 @@ from server.cli_verbs import (
     JsonOpt,
     ServerOpt,
     TokenOpt,
-    _api,
-    _print_json,
-    _print_record,
-    _when,
+    api_client,
+    format_time,
+    print_json,
+    print_record,
     print_table,
 )
 
@@ -34,7 +34,7 @@ app = typer.Typer(help="Commissioning plans, remote runs, on-site results and re
 PLAN_COLUMNS: list[Column] = [
     ("number", "PLAN", None), ("site_id", "SITE", None), ("state", "STATE", None),
     ("mode", "MODE", None), ("version", "V", None), ("title", "TITLE", None),
-    ("starts_on", "FROM", None), ("acknowledged_at", "ACKNOWLEDGED", _when),
+    ("starts_on", "FROM", None), ("acknowledged_at", "ACKNOWLEDGED", format_time),
 ]
 CHECK_COLUMNS: list[Column] = [
     ("check", "CHECK", None), ("source", "SOURCE", None),
@@ -71,9 +71,9 @@ def parse_target(text: str) -> dict[str, Any]:
 
 def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(plan)
+        print_json(plan)
         return
-    _print_record({k: v for k, v in plan.items()
+    print_record({k: v for k, v in plan.items()
                    if k not in ("equipment", "checklist", "targets", "technicians")})
     typer.echo(f"technicians      {', '.join(plan['technicians']) or '-'}")
     for item in plan["equipment"]:
@@ -102,10 +102,10 @@ def list_plans(
     as_json: JsonOpt = False,
 ) -> None:
     """Plans you may see, newest first."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         page = api.get("/commissioning/plans", site_id=site, state=state, limit=1000)
     if as_json:
-        _print_json(page)
+        print_json(page)
     else:
         print_table(page["data"], PLAN_COLUMNS)
 
@@ -114,7 +114,7 @@ def list_plans(
 def show(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
          as_json: JsonOpt = False) -> None:
     """One plan: equipment, targets, technicians, checklist."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         _show_plan(api.get(f"/commissioning/plans/{plan}"), as_json)
 
 
@@ -141,14 +141,14 @@ def create(
             "equipment": [parse_equipment(e) for e in equipment],
             "technicians": technician or [], "targets": [parse_target(t) for t in target or []],
             "starts_on": starts_on, "ends_on": ends_on, "ticket_id": ticket, "notes": notes}
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         _show_plan(api.post("/commissioning/plans", body), as_json)
 
 
 @app.command("issue")
 def issue(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
     """Issue the plan: its next written version is stored for the customer."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         doc = api.post(f"/commissioning/plans/{plan}/issue", {})
     typer.echo(f"issued {doc['title']}")
 
@@ -157,13 +157,13 @@ def issue(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = N
 def acknowledge(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER,
                 token: TokenOpt = None) -> None:
     """Acknowledge an issued plan (the customer)."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         done = api.post(f"/commissioning/plans/{plan}/acknowledge", {})
     typer.echo(f"plan {done['number']} version {done['version']} acknowledged")
 
 
 def _move(plan: int, move: str, server: str, token: str | None) -> None:
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         done = api.post(f"/commissioning/plans/{plan}/{move}", {})
     typer.echo(f"plan {done['number']} is {done['state']}")
 
@@ -189,7 +189,7 @@ def cancel(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = 
 @app.command("run")
 def run(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None) -> None:
     """Send the remote check to the site's agent (`emu commissioning report` shows results)."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         started = api.post(f"/commissioning/plans/{plan}/runs", {})
     typer.echo(f"run {started['id']} sent (command {started['command_id']})")
 
@@ -217,7 +217,7 @@ def record(
                     "series": series}]
     else:
         raise typer.BadParameter("give --serial, --check and --pass/--fail, or --file")
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         rows = api.post(f"/commissioning/plans/{plan}/results", {"results": results})
     typer.echo(f"{len(rows)} result(s) recorded")
 
@@ -232,7 +232,7 @@ def report(
 ) -> None:
     """The commissioning report: a summary (text), or the JSON, HTML or PDF document."""
     path = f"/commissioning/plans/{plan}/report"
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         if fmt in ("html", "pdf"):
             _write(api.download(path, format=fmt, version=version), output)
             return
@@ -263,7 +263,7 @@ def document(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
 ) -> None:
     """The written plan as issued (latest version unless --version)."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         data = api.download(f"/commissioning/plans/{plan}/document", format=fmt,
                             version=version)
     _write(data, output)

@@ -20,11 +20,11 @@ from server.cli_verbs import (
     JsonOpt,
     ServerOpt,
     TokenOpt,
-    _api,
-    _footer,
-    _print_json,
-    _print_record,
-    _when,
+    api_client,
+    format_time,
+    print_footer,
+    print_json,
+    print_record,
     print_table,
 )
 
@@ -38,16 +38,16 @@ NoteOpt = Annotated[str, typer.Option("--note", help="a note for the timeline")]
 COLUMNS: list[Column] = [
     ("id", "ID", None), ("state", "STATE", None), ("ticket_id", "TICKET", None),
     ("site_id", "SITE", None), ("scope", "SCOPE", None), ("approval", "APPROVAL", None),
-    ("requested_at", "REQUESTED (UTC)", _when), ("ends_at", "ENDS (UTC)", _when),
+    ("requested_at", "REQUESTED (UTC)", format_time), ("ends_at", "ENDS (UTC)", format_time),
 ]
 KNOWN_HOSTS = Path.home() / ".config" / "emu" / "known_hosts"
 
 
 def _show(record: dict[str, object], as_json: bool) -> None:
     if as_json:
-        _print_json(record)
+        print_json(record)
     else:
-        _print_record(record)
+        print_record(record)
 
 
 @app.command("request")
@@ -66,14 +66,14 @@ def request(
         raise typer.BadParameter("ask for --shell and/or at least one --unit")
     body = {"ticket_id": ticket, "reason": reason, "max_duration_s": minutes * 60,
             "scope": {"shell": shell, "units": unit or []}}
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         record = api.post("/sessions", body)
     _show(record, as_json)
 
 
 def _decide(verb: str, session: str, server: str, token: str | None, as_json: bool,
             note: str | None = None) -> None:
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         record = api.post(f"/sessions/{session}/{verb}",
                           None if note is None else {"note": note})
     _show(record, as_json)
@@ -115,13 +115,13 @@ def list_sessions(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Sessions you may see, newest first."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         page = api.get("/sessions", state=state, ticket_id=ticket, limit=100)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     print_table(page["data"], COLUMNS)
-    _footer(page)
+    print_footer(page)
 
 
 @app.command("connect")
@@ -134,7 +134,7 @@ def connect(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
 ) -> None:
     """The stock `ssh` command for the session (shell, or `-L` to a unit)."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         info = api.get(f"/sessions/{session}/connect")
     if unit is not None:
         if unit not in info["units"]:
@@ -166,7 +166,7 @@ def key_add(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Register a public key (engineers)."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         record = api.post("/users/me/ssh-keys", {"public_key": path.read_text().strip(),
                                                  "name": name})
     _show(record, as_json)
@@ -176,10 +176,10 @@ def key_add(
 def key_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
              as_json: JsonOpt = False) -> None:
     """Your registered keys."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         rows = api.get("/users/me/ssh-keys")
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     print_table(rows, [("id", "ID", None), ("name", "NAME", None),
                        ("fingerprint", "FINGERPRINT", None)])

@@ -18,11 +18,11 @@ from server.cli_verbs import (
     LimitOpt,
     ServerOpt,
     TokenOpt,
-    _api,
-    _footer,
-    _print_json,
-    _print_record,
-    _when,
+    api_client,
+    format_time,
+    print_footer,
+    print_json,
+    print_record,
     print_table,
 )
 from server.sla.report import SlaReport, report_csv
@@ -35,17 +35,17 @@ TicketArg = Annotated[int, typer.Argument(min=1, help="ticket id")]
 TICKET_COLUMNS: list[Column] = [
     ("id", "ID", None), ("fault_class", "CLASS", None), ("state", "STATE", None),
     ("site_id", "SITE", None), ("source", "SOURCE", None), ("assignee", "ASSIGNEE", None),
-    ("title", "TITLE", None), ("created_at", "OPENED (UTC)", _when),
+    ("title", "TITLE", None), ("created_at", "OPENED (UTC)", format_time),
 ]
 EVENT_COLUMNS: list[Column] = [
-    ("ts", "TIME (UTC)", _when), ("kind", "EVENT", None), ("actor", "BY", None),
+    ("ts", "TIME (UTC)", format_time), ("kind", "EVENT", None), ("actor", "BY", None),
     ("text", "TEXT", None),
 ]
 CLOCK_COLUMNS: list[Column] = [
-    ("kind", "CLOCK", None), ("target_s", "TARGET S", None), ("due_at", "DUE (UTC)", _when),
+    ("kind", "CLOCK", None), ("target_s", "TARGET S", None), ("due_at", "DUE (UTC)", format_time),
     ("paused_for", "PAUSED", lambda v: ",".join(v) if v else "-"),
-    ("outcome", "OUTCOME", None), ("warned_at", "WARNED", _when),
-    ("breached_at", "BREACHED", _when),
+    ("outcome", "OUTCOME", None), ("warned_at", "WARNED", format_time),
+    ("breached_at", "BREACHED", format_time),
 ]
 REPORT_COLUMNS: list[Column] = [
     ("customer", "CUSTOMER", None), ("fault_class", "CLASS", None), ("tickets", "TICKETS", None),
@@ -55,16 +55,16 @@ REPORT_COLUMNS: list[Column] = [
 ]
 BREACH_COLUMNS: list[Column] = [
     ("ticket_id", "TICKET", None), ("customer", "CUSTOMER", None), ("site", "SITE", None),
-    ("fault_class", "CLASS", None), ("clock", "CLOCK", None), ("due_at", "DUE (UTC)", _when),
+    ("fault_class", "CLASS", None), ("clock", "CLOCK", None), ("due_at", "DUE (UTC)", format_time),
     ("cause", "CAUSE", None),
 ]
 
 
 def _show(ticket: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(ticket)
+        print_json(ticket)
         return
-    _print_record(ticket, skip=("events", "links", "clocks", "parts", "unit_ids"))
+    print_record(ticket, skip=("events", "links", "clocks", "parts", "unit_ids"))
     typer.echo("")
     print_table(ticket["clocks"], CLOCK_COLUMNS)
     typer.echo("")
@@ -73,14 +73,14 @@ def _show(ticket: dict[str, Any], as_json: bool) -> None:
 
 def _post(server: str, token: str | None, path: str, body: dict[str, Any],
           as_json: bool) -> None:
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         answer = api.post(path, body)
     if "clocks" in answer:
         _show(answer, as_json)
     elif as_json:
-        _print_json(answer)
+        print_json(answer)
     else:
-        _print_record(answer)
+        print_record(answer)
 
 
 @tickets_app.command("list")
@@ -96,22 +96,22 @@ def tickets_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Tickets you may see, newest first."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         page = api.get("/tickets", state=state or [], **{"class": [c.upper() for c in
                                                                     fault_class or []]},
                        site_id=site, assignee=assignee, open=open_only or None, limit=limit)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     print_table(page["data"], TICKET_COLUMNS)
-    _footer(page)
+    print_footer(page)
 
 
 @tickets_app.command("show")
 def tickets_show(ticket_id: TicketArg, server: ServerOpt = DEFAULT_SERVER,
                  token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """One ticket: its fields, SLA clocks and timeline."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         _show(api.get(f"/tickets/{ticket_id}"), as_json)
 
 
@@ -198,10 +198,10 @@ def sla_report(
     token: TokenOpt = None,
 ) -> None:
     """SLA compliance per class and customer, MTTA, MTTR and the breaches of a month."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         data = api.get("/sla/report", month=month, org_id=org)
     if fmt == "json":
-        _print_json(data)
+        print_json(data)
     elif fmt == "csv":
         typer.echo(report_csv(SlaReport.from_dict(data)), nl=False)
     else:

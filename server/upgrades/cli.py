@@ -29,11 +29,11 @@ from server.cli_verbs import (
     JsonOpt,
     ServerOpt,
     TokenOpt,
-    _api,
-    _footer,
-    _print_json,
-    _print_record,
-    _when,
+    api_client,
+    format_time,
+    print_footer,
+    print_json,
+    print_record,
     print_table,
 )
 
@@ -62,13 +62,13 @@ def _read(path: Path) -> bytes:
 def _page(server: str, token: str | None, path: str, columns: list[Column], as_json: bool,
           **params: Any) -> None:
     """One list verb: the API's page as a table (or its JSON)."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         page = api.get(path, limit=1000, **params)
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     print_table(page["data"], columns)
-    _footer(page)
+    print_footer(page)
 
 
 # --- emu release -----------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def release_sign(
 RELEASE_COLUMNS: list[Column] = [
     ("id", "ID", None), ("series", "SERIES", None), ("version", "VERSION", None),
     ("kind", "KIND", None), ("base_version", "BASE", None), ("size", "BYTES", None),
-    ("minimum_version", "MIN", None), ("uploaded_at", "UPLOADED (UTC)", _when),
+    ("minimum_version", "MIN", None), ("uploaded_at", "UPLOADED (UTC)", format_time),
 ]
 
 
@@ -154,10 +154,10 @@ def release_upload(
 ) -> None:
     """Upload a signed package; the server verifies signature and hash before accepting."""
     data = _read(package)
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         row = api.request("POST", "/releases", content=data)
     if as_json:
-        _print_json(row)
+        print_json(row)
         return
     typer.echo(f"release {row['id']}: {row['series']} {row['version']} ({row['kind']}) accepted")
 
@@ -176,15 +176,15 @@ def release_list(
 PLAN_COLUMNS: list[Column] = [
     ("id", "ID", None), ("state", "STATE", None), ("title", "TITLE", None),
     ("series", "SERIES", None), ("release_id", "RELEASE", None), ("org_id", "ORG", None),
-    ("counts", "UNITS", None), ("created_at", "CREATED (UTC)", _when),
+    ("counts", "UNITS", None), ("created_at", "CREATED (UTC)", format_time),
 ]
 
 
 def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(plan)
+        print_json(plan)
         return
-    _print_record(plan)
+    print_record(plan)
 
 
 @plans_app.command("list")
@@ -200,7 +200,7 @@ def plans_list(
 def plans_show(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
                as_json: JsonOpt = False) -> None:
     """One plan with its 30-day delivery clock."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         _show_plan(api.get(f"/plans/{plan}"), as_json)
 
 
@@ -215,14 +215,14 @@ def plans_create(
         body = json.loads(_read(spec))
     except ValueError as exc:
         raise _fail(f"{spec}: not JSON: {exc}", 2) from exc
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         _show_plan(api.post("/plans", body), as_json)
 
 
 def _action(name: str, help_text: str) -> None:
     def command(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
                 as_json: JsonOpt = False) -> None:
-        with _api(server, token) as api:
+        with api_client(server, token) as api:
             _show_plan(api.post(f"/plans/{plan}/{name}", {}), as_json)
 
     command.__doc__ = help_text
@@ -241,7 +241,7 @@ def plans_abort(plan: PlanArg, reason: Annotated[str, typer.Option("--reason")] 
                 server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
                 as_json: JsonOpt = False) -> None:
     """Stop for good; units not started are left untouched."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         _show_plan(api.post(f"/plans/{plan}/abort", {"reason": reason}), as_json)
 
 
@@ -255,7 +255,7 @@ def plans_confirm(
 ) -> None:
     """(Customer) confirm a plan: pick a window, name your personnel, sign."""
     body = {"window": window, "personnel": personnel, "signature": sign}
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         _show_plan(api.post(f"/plans/{plan}/confirm", body), as_json)
 
 
@@ -266,7 +266,7 @@ def plans_checkin(
     server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """(Customer) your personnel are on site: the site may start."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         _show_plan(api.post(f"/plans/{plan}/checkin", {"site_id": site, "name": name}), as_json)
 
 
@@ -280,7 +280,7 @@ def plans_document(
 ) -> None:
     """Save the written plan (PDF or HTML, by the file's suffix)."""
     fmt = "pdf" if out.suffix.lower() == ".pdf" else "html"
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         if version is None:
             docs = api.get(f"/plans/{plan}/documents")
             if not docs:
@@ -296,7 +296,7 @@ def plans_document(
 TARGET_COLUMNS: list[Column] = [
     ("wave", "WAVE", None), ("site_id", "SITE", None), ("device", "DEVICE", None),
     ("state", "STATE", None), ("stage", "STAGE", None), ("from_version", "FROM", None),
-    ("to_version", "TO", None), ("finished_at", "FINISHED (UTC)", _when),
+    ("to_version", "TO", None), ("finished_at", "FINISHED (UTC)", format_time),
 ]
 
 
@@ -311,10 +311,10 @@ def rollouts_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
 def rollouts_show(plan: PlanArg, server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
                   as_json: JsonOpt = False) -> None:
     """Every unit of a rollout with its wave, state and latest stage."""
-    with _api(server, token) as api:
+    with api_client(server, token) as api:
         rows = api.get(f"/rollouts/{plan}")
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     print_table(rows, TARGET_COLUMNS)
 

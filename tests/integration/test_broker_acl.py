@@ -43,6 +43,7 @@ from server.broker_auth import (
 )
 from server.enrolment import new_password
 from tests.support import mosquitto
+from tests.support.broker import close_client
 from tests.support.mosquitto import MOSQUITTO, MOSQUITTO_PASSWD
 from tests.support.net import LOOPBACK
 from tests.support.tls import TestCA
@@ -210,8 +211,7 @@ def client(broker: Broker, user: str | None, protocol: MQTTProtocolVersion,
         wait_until(c.connected, TIMEOUT, f"CONNACK for {user!r}")
         yield c
     finally:
-        c.mqtt.disconnect()
-        c.mqtt.loop_stop()
+        close_client(c.mqtt)
 
 
 def connect_reason(broker: Broker, user: str | None, password: str | None,

@@ -181,8 +181,12 @@ async def test_two_servers_store_each_batch_once(
 
 
 def no_failures(outcomes: list[dict[str, float]]) -> bool:
-    """Nothing was refused as invalid or errored."""
-    return all(set(o) <= {"stored", "duplicate"} for o in outcomes)
+    """Nothing was refused as invalid or errored.
+
+    `unknown_site` is allowed: the broker is shared with tests running in other processes,
+    whose sites this database does not hold; their batches reach these servers too.
+    """
+    return all(set(o) <= {"stored", "duplicate", "unknown_site"} for o in outcomes)
 
 
 @asynccontextmanager

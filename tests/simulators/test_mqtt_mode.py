@@ -12,7 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from simulators.mqtt import MqttPublisher
 from simulators.server import SimConfig, Simulator
-from tests.support.broker import BrokerInfo
+from tests.support.broker import BrokerInfo, close_client
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -53,8 +53,7 @@ async def test_units_publish_documented_json(mqtt_broker: BrokerInfo) -> None:
         await wait_for(got_both.is_set, 5, "a message from each unit")
     finally:
         await publisher.stop()
-        sub.loop_stop()
-        sub.disconnect()
+        close_client(sub)
     doc = received[f"{prefix}/{sim.unit(1).serial}/values"]
     assert doc["series"] == "EMU-BS"
     assert doc["unit"] == 1

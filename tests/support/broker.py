@@ -30,6 +30,20 @@ PROBE_TIMEOUT = 10.0
 _BIND_ATTEMPTS = 3
 
 
+def close_client(client: mqtt.Client) -> None:
+    """Disconnect, stop the network thread and close every socket the client holds, now.
+
+    paho closes its internal wake-up socket pair only in `__del__`; a client in a reference
+    cycle (callbacks bound to a wrapper that holds it) reaches the collector later, where the
+    sockets may be finalised first and warn as unclosed, blamed on whichever test is running
+    then. paho offers no public close (eclipse-paho/paho.mqtt.python#627), hence the private
+    `_reset_sockets`.
+    """
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()
+
+
 @dataclass(frozen=True)
 class BrokerInfo:
     """Where the test broker listens and what it can do."""
@@ -100,8 +114,7 @@ def _offers_shared_subscriptions(host: str, port: int) -> bool:
     try:
         wait_until(done, PROBE_TIMEOUT, f"an MQTT 5 CONNACK from {host}:{port}")
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close_client(client)
     return outcome["shared"]
 
 

@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.support.broker import BrokerInfo
+from tests.support.broker import BrokerInfo, close_client
 from tests.support.waiting import wait_until
 
 TIMEOUT = 10.0
@@ -111,5 +111,4 @@ def mqtt_client(
         assert not reason.is_failure, f"{broker.url} refused the connection: {reason}"
         yield wrapper
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close_client(client)

@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from tests.support.broker import close_client
 from tests.support.net import LOOPBACK
 from tests.support.waiting import wait_until
 
@@ -136,6 +137,5 @@ def mqtt_verdict(port: int, ca: Path, cert: CertFiles | None, timeout: float = 1
     try:
         wait_until(done, timeout, "the broker's verdict on the client")
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close_client(client)
     return outcome[0]
