@@ -146,7 +146,7 @@ class ServerProcess:
         self.ingest = IngestWorker(self.settings, self.db, on_telemetry=self.faults.on_telemetry,
                                    on_event=self.faults.on_event,
                                    on_ack=self.commands.handle_ack,
-                                   on_online=self.commands.redeliver_site)
+                                   on_online=self.commands.redeliver_sites)
         await self.ingest.run()
 
     async def _scheduler(self) -> None:

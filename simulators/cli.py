@@ -284,6 +284,9 @@ def load(
     duration: Annotated[float, typer.Option(min=0.1, help="Seconds to publish for.")] = 60.0,
     prefix: Annotated[str, typer.Option(help="Site codes are PREFIX-00000, ...")] = "load",
     first_seq: Annotated[int, typer.Option(min=0, help="seq of each site's first batch.")] = 1,
+    settle: Annotated[float, typer.Option(
+        min=0, help="Seconds between every site connected (and online) and the first batch.")
+    ] = 0.0,
     record: Annotated[
         Path | None, typer.Option(help="Write `agent,seq,publish time` per batch here.")
     ] = None,
@@ -295,9 +298,10 @@ def load(
     from simulators.load import FleetLoad, LoadConfig, write_publishes
 
     config = LoadConfig(url=url, sites=sites, units=units, interval_s=interval,
-                        duration_s=duration, prefix=prefix, first_seq=first_seq)
+                        duration_s=duration, prefix=prefix, first_seq=first_seq,
+                        settle_s=settle)
     try:
-        result = FleetLoad(config).run()
+        result = FleetLoad(config, progress=lambda phase: typer.echo(phase)).run()
     except (SimulatorError, OSError) as exc:
         raise _fail(str(exc)) from exc
     if record is not None:

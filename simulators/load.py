@@ -63,6 +63,9 @@ class LoadConfig:
     prefix: str = "load"
     profiles: tuple[str, ...] = DEFAULT_PROFILES
     first_seq: int = 1
+    settle_s: float = 0.0
+    """After every site connected and said `online`, wait this long before the first batch:
+    a steady-state measurement leaves out the connect storm of a thousand agents at once."""
     username: str | None = None
     password: str | None = None
 
@@ -154,19 +157,26 @@ class _Site:
 class FleetLoad:
     """Publishes `config`'s fleet on schedule; `run()` blocks until done."""
 
-    def __init__(self, config: LoadConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: LoadConfig, clock: Callable[[], float] = time.monotonic,
+                 progress: Callable[[str], None] | None = None) -> None:
         if config.sites < 1 or config.units < 1 or config.interval_s <= 0:
             raise SimulatorError("sites, units and interval must be positive")
+        if config.settle_s < 0:
+            raise SimulatorError("settle must not be negative")
         url = urlparse(config.url)
         if url.scheme != "mqtt" or not url.hostname:
             raise SimulatorError(f"the load generator takes mqtt://host[:port], not {config.url}")
         self.config = config
         self.host, self.port = url.hostname, url.port or 1883
         self.clock = clock
+        self.progress = progress
+        """Told `connected` once every site is, then `publishing` when the first batch is due."""
         self.points, self.count = batch_template(unit_readings(config.profiles, config.units))
         self.result = LoadResult(config.sites, config.units, self.count, len(self.points))
         self.sel = selectors.DefaultSelector()
         self.sites: list[_Site] = []
+        self.connected_at: float | None = None
+        """Wall time every site had its CONNACK (the settle period starts)."""
 
     # -- connections ----------------------------------------------------------------------
     def connect(self) -> None:
@@ -261,6 +271,7 @@ class FleetLoad:
         cpu0 = os.times()
         try:
             self.connect()
+            self._settle()
             self._schedule()
             deadline = self.clock() + DRAIN_TIMEOUT_S
             while self.result.acked < self.result.published and self.clock() < deadline:
@@ -287,6 +298,17 @@ class FleetLoad:
                 self._publish_status(site, AgentState.OFFLINE)
         while any(s.status_mids for s in self.sites if s.connected) and self.clock() < deadline:
             self._pump(0.05)
+
+    def _settle(self) -> None:
+        """Serve the sockets (PUBACKs of the statuses, keepalives) for `settle_s`."""
+        self.connected_at = time.time()
+        if self.progress is not None:
+            self.progress("connected")
+        end = self.clock() + self.config.settle_s
+        while (now := self.clock()) < end:
+            self._pump(min(0.05, end - now))
+        if self.progress is not None:
+            self.progress("publishing")
 
     def _schedule(self) -> None:
         cfg = self.config

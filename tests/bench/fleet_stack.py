@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -204,18 +204,41 @@ class Lags:
     """Publish call -> first poll that saw the committed batch (upper bound, +POLL_S)."""
     claimed: list[float]
     """Publish call -> received_at (inside the storing transaction; lower bound)."""
+    published_at: list[float] = field(default_factory=list)
+    """Wall time of each stored batch's publish call (same order as `claimed`)."""
 
     @classmethod
     def of(cls, publishes: Sequence[tuple[str, int, float]],
            seen: dict[tuple[str, int], tuple[float, float]]) -> Lags:
         """Match the publisher's record with the watcher's notes."""
-        visible, claimed = [], []
+        visible, claimed, at = [], [], []
         for agent, seq, wall in publishes:
             hit = seen.get((agent, seq))
             if hit is not None:
                 visible.append(hit[0] - wall)
                 claimed.append(hit[1] - wall)
-        return cls(len(publishes), len(visible), visible, claimed)
+                at.append(wall)
+        return cls(len(publishes), len(visible), visible, claimed, at)
+
+    def stalls(self, over_s: float = 1.0, gap_s: float = 1.0) -> list[tuple[float, float, float]]:
+        """(start, end, worst claimed lag) of the spells whose batches waited over `over_s`.
+
+        Seconds from the step's first publish; tells a steady backlog (one long spell) from
+        pauses (short spells, e.g. a collector walk or a checkpoint) in the tail.
+        """
+        if not self.published_at:
+            return []
+        t0 = min(self.published_at)
+        slow = sorted((w - t0, c) for w, c in zip(self.published_at, self.claimed, strict=True)
+                      if c > over_s)
+        spells: list[tuple[float, float, float]] = []
+        for t, c in slow:
+            if spells and t - spells[-1][1] <= gap_s:
+                start, _, worst = spells[-1]
+                spells[-1] = (start, t, max(worst, c))
+            else:
+                spells.append((t, t, c))
+        return spells
 
     @property
     def lost(self) -> int:

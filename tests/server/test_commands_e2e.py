@@ -173,3 +173,21 @@ async def test_commands_api_is_staff_only_and_shows_outcomes(stack: Stack) -> No
         listed = (await api.get("/api/v1/commands", params={"site": stack.site})).json()
         assert [c["id"] for c in listed["data"]] == [command_id]
         assert (await api.get("/api/v1/commands/nope")).status_code == 422
+
+
+async def test_agents_back_online_get_their_open_commands_in_one_go(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a broker restart many agents say `online` at once: one query serves them all."""
+    command_id = await send(stack, CommandKind.DIAGNOSTIC, target="unit-1")
+    row = await wait_for(lambda: stack.state(command_id), 10, "the command row")
+    assert row is not None
+    delivered: list[str] = []
+
+    async def deliver(cid: str) -> None:
+        delivered.append(cid)
+
+    monkeypatch.setattr(stack.proc.commands, "_deliver", deliver)
+    await stack.proc.commands.redeliver_sites([])
+    await stack.proc.commands.redeliver_sites([row.site_id + 10_000])  # no such site
+    await stack.proc.commands.redeliver_sites([row.site_id + 10_000, row.site_id])
+    await wait_for(lambda: delivered == [command_id], 10, "the site's open command resent")

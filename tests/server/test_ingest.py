@@ -24,7 +24,7 @@ from protocols.messages import AgentState, Event, Status, TelemetryPoint
 from protocols.topics import TopicKind, topic
 from server.core.config import ServerSettings, load_server_settings
 from server.core.db import Database
-from server.ingest.worker import GC_THRESHOLD, IngestWorker
+from server.ingest.worker import GC_THRESHOLD, IngestWorker, _GcTuning
 from server.models import Agent, Site, Unit
 from server.models import Event as EventRow
 from tests.bench.server_data import T0, batch_bytes, iso, make_site, points_doc
@@ -366,3 +366,31 @@ async def test_stop_drains_what_was_received(
     await workers.close()
     assert gc.get_threshold() == collector
 
+
+
+def test_what_survives_a_full_collection_is_frozen_until_thawed() -> None:
+    """Full collections walk only what came since the last one; an hourly thaw frees cycles."""
+    collector = gc.get_threshold()
+    _GcTuning.enter()
+    try:
+        assert gc.get_threshold()[0] >= GC_THRESHOLD
+        _GcTuning.tend()
+        assert gc.get_freeze_count() == 0, "nothing is frozen before a full collection"
+        gc.collect()
+        _GcTuning.tend()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        _GcTuning.tend()
+        assert gc.get_freeze_count() == frozen, "frozen once per full collection"
+        _GcTuning.thaw_at = 0.0  # the thaw is due
+        _GcTuning.tend()
+        assert gc.get_freeze_count() == 0
+        assert _GcTuning.thaw_at > 0.0
+        gc.collect()
+        _GcTuning.tend()
+        assert gc.get_freeze_count() > 0
+    finally:
+        _GcTuning.leave()
+    assert gc.get_freeze_count() == 0, "a process without ingest keeps Python's collector"
+    assert gc.get_threshold() == collector
+    assert _GcTuning._collected not in gc.callbacks

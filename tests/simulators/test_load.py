@@ -50,6 +50,23 @@ async def test_fleet_load_publishes_each_site_on_schedule(
     assert len((tmp_path / "pubs.csv").read_text().splitlines()) == result.published
 
 
+async def test_settle_holds_the_first_batch_until_the_fleet_is_connected(
+    mqtt_broker: BrokerInfo,
+) -> None:
+    """`--settle`: the connect storm (every site's `online`) stays out of a measured window."""
+    prefix = f"settle{uuid.uuid4().hex[:6]}"
+    config = LoadConfig(url=mqtt_broker.url, sites=2, units=1, interval_s=0.5, duration_s=0.5,
+                        prefix=prefix, settle_s=0.3)
+    load = FleetLoad(config)
+    result = await asyncio.to_thread(load.run)
+    assert result.acked == result.published == 2
+    assert result.statuses == 4  # online at connect, offline at the end, per site
+    first = min(wall for _, _, wall in result.publishes)
+    assert first >= result.start
+    assert load.connected_at is not None
+    assert first - load.connected_at >= config.settle_s
+
+
 def _statuses(sub: TestClient, prefix: str, want: int) -> dict[str, list[Status]]:
     """Status messages of this test's sites, until `want` of them arrived."""
     got: dict[str, list[Status]] = defaultdict(list)
