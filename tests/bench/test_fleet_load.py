@@ -63,6 +63,8 @@ INTERVAL_S = 10.0
 PREFIX = "fleet"
 SERVERS = int(os.environ.get("EMU_BENCH_FLEET_SERVERS", "1"))
 ROLES = os.environ.get("EMU_BENCH_FLEET_ROLES", "ingest,scheduler").split(",")
+SCHEDULER = os.environ.get("EMU_BENCH_FLEET_SCHEDULER") == "1"
+"""Also run a scheduler-only `emu server` (the compose file's layout with ingest roles)."""
 FIRST_STEP_S = float(os.environ.get("EMU_BENCH_FLEET_STEP_S", "60"))
 STEP_S = float(os.environ.get("EMU_BENCH_FLEET_NEXT_STEP_S", "30"))
 MULTIPLIERS = tuple(float(m) for m in
@@ -118,10 +120,11 @@ def _fmt_stalls(spells: list[tuple[float, float, float]]) -> str:
     return ", ".join(f"{a:.0f}-{b:.0f} s ({w:.1f})" for a, b, w in spells[:12]) or "none"
 
 
-def _server_toml(tmp: Path, url: str, broker_port: int, n: int) -> Path:
+def _server_toml(tmp: Path, url: str, broker_port: int, n: int | str,
+                 roles: list[str] = ROLES) -> Path:
     path = tmp / f"server-{n}.toml"
     path.write_text(
-        f'database_url = "{url}"\nroles = {json.dumps(ROLES)}\nmigrate_on_start = false\n'
+        f'database_url = "{url}"\nroles = {json.dumps(roles)}\nmigrate_on_start = false\n'
         f'[mqtt]\nurl = "mqtt://127.0.0.1:{broker_port}"\nshared_group = "emu-ingest"\n',
         encoding="utf-8")
     return path
@@ -187,6 +190,12 @@ async def test_fleet_load(tmp_path: Path) -> None:
             for n, log in enumerate(logs):
                 await wait_for(partial(_subscribed, log), 60, f"server {n} to subscribe")
             pids = {f"server-{n}": s.pid for n, s in enumerate(servers)}
+            if SCHEDULER:
+                toml = _server_toml(tmp_path, url, port, "scheduler", ["scheduler"])
+                scheduler = await stack.enter_async_context(python_process(
+                    "scheduler", ["emu", "server", "-c", str(toml)],
+                    tmp_path / "server-scheduler.log"))
+                pids["scheduler"] = scheduler.pid
             pids["mosquitto"] = broker.proc.pid
             with StoredWatcher(url) as watcher:
                 began = time.monotonic()
@@ -275,7 +284,7 @@ def _report(steps: list[Step], warmup_s: float, raw_rate: float, size: tuple[int
         if s.ok:
             knee = s
     print(f"\n== fleet load: {SITES} sites x {UNITS} units, {SERVERS} server process(es)"
-          f" with roles {', '.join(ROLES)},"
+          f" with roles {', '.join(ROLES)}{' + a scheduler process' if SCHEDULER else ''},"
           f" lag poll {POLL_S} s, settle {SETTLE_S:g} s; load average before"
           f" {load_before[0]:.1f} ==")
     print(f"warm-up (one cycle; units and series pre-seeded, caches cold): {warmup_s:.1f} s")
