@@ -102,6 +102,7 @@ class World:
     clock: Clock
     app: FastAPI
     extra: dict[str, int] = field(default_factory=dict)
+    engineer_id: int = 0
 
 
 def settings_for(db: Database) -> ServerSettings:
@@ -226,11 +227,11 @@ async def seed_world(db: Database) -> World:
         other = await _seed_org(session, "other")
         tag = secrets.token_hex(4)
         admin_id, admin_token, _ = await add_user(session, f"admin-{tag}", "admin")
-        _, engineer_token, _ = await add_user(session, f"eng-{tag}", "engineer")
+        engineer_id, engineer_token, _ = await add_user(session, f"eng-{tag}", "engineer")
     clock = Clock()
     app = create_app(settings_for(db), db, clock=clock)
     return World(own=own, other=other, admin_token=admin_token, admin_id=admin_id,
-                 engineer_token=engineer_token, clock=clock, app=app)
+                 engineer_token=engineer_token, clock=clock, app=app, engineer_id=engineer_id)
 
 
 @asynccontextmanager

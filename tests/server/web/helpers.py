@@ -28,6 +28,14 @@ async def give_password(db: Database, name: str, password: str = PASSWORD) -> No
         await set_password(session, user, password)
 
 
+async def name_of(db: Database, user_id: int) -> str:
+    """A user's log-in name."""
+    async with db.session() as session:
+        user = await session.get(User, user_id)
+        assert user is not None
+        return user.name
+
+
 def csrf_of(html: str) -> str:
     """The CSRF token of the first form in `html`."""
     match = re.search(r'name="csrf_token" value="([^"]+)"', html)

@@ -4,40 +4,13 @@ from __future__ import annotations
 
 import secrets
 
-import pytest
-from sqlmodel import select
-
 from server.commissioning import service
 from server.core.db import Database
-from server.models import User
 from server.upgrades.models import ReleasePackage
-from tests.server.test_api_common import World, client_for, seed_world
-from tests.server.web.helpers import csrf_of, give_password, log_in
+from tests.server.test_api_common import World, client_for
+from tests.server.web.helpers import csrf_of, log_in, name_of
 
 SERIAL = "BS-WEB-0001"
-
-
-@pytest.fixture
-async def world(db: Database) -> World:
-    """The seeded world; every user of it gets the test password."""
-    w = await seed_world(db)
-    async with db.session() as session:
-        names = (await session.exec(select(User.name).where(User.password_hash.is_(None)))).all()  # type: ignore[union-attr]
-    for name in names:
-        await give_password(db, name)
-    return w
-
-
-async def _name(db: Database, user_id: int) -> str:
-    async with db.session() as session:
-        user = await session.get(User, user_id)
-        assert user is not None
-        return user.name
-
-
-async def _engineer(db: Database) -> str:
-    async with db.session() as session:
-        return (await session.exec(select(User.name).where(User.role == "engineer"))).first() or ""
 
 
 async def _issued_plan(world: World, db: Database) -> int:
@@ -70,7 +43,7 @@ async def _record(world: World, db: Database, plan_id: int) -> None:
 async def test_another_organisations_customer_gets_404(world: World, db: Database) -> None:
     plan_id = await _issued_plan(world, db)
     async with client_for(world.app) as client:
-        await log_in(client, await _name(db, world.other.user_id))
+        await log_in(client, await name_of(db, world.other.user_id))
         listing = await client.get("/commissioning")
         assert listing.status_code == 200
         assert world.own.marker not in listing.text
@@ -85,7 +58,7 @@ async def test_another_organisations_customer_gets_404(world: World, db: Databas
 async def test_customer_reads_and_acknowledges_its_plan(world: World, db: Database) -> None:
     plan_id = await _issued_plan(world, db)
     async with client_for(world.app) as client:
-        await log_in(client, await _name(db, world.own.user_id))
+        await log_in(client, await name_of(db, world.own.user_id))
         listing = await client.get("/commissioning")
         assert f"Hafen {world.own.marker}" in listing.text
         assert "waiting for your acknowledgement" in listing.text
@@ -113,7 +86,7 @@ async def test_customer_reads_and_acknowledges_its_plan(world: World, db: Databa
         assert "<dt>Acknowledged</dt><dd>not yet" not in after.text
     async with db.session() as session:
         plan = await service.get_plan(session, plan_id)
-        assert plan.acknowledged_by == await _name(db, world.own.user_id)
+        assert plan.acknowledged_by == await name_of(db, world.own.user_id)
 
 
 async def test_report_shows_pass_fail_with_evidence_and_downloads(world: World, db: Database
@@ -123,7 +96,7 @@ async def test_report_shows_pass_fail_with_evidence_and_downloads(world: World, 
         await service.acknowledge_plan(session, plan_id, actor="customer", now=world.clock())
     await _record(world, db, plan_id)
     async with client_for(world.app) as client:
-        await log_in(client, await _engineer(db))
+        await log_in(client, await name_of(db, world.engineer_id))
         page = await client.get(f"/commissioning/{plan_id}")
         assert page.status_code == 200
         text = page.text
@@ -161,7 +134,7 @@ async def test_releases_page_is_for_staff(world: World, db: Database) -> None:
             manifest={"key_id": "ab12cd34", "fixes": {"fault_codes": ["FAN_STALL"],
                                                        "tickets": [42]}}))
     async with client_for(world.app) as client:
-        await log_in(client, await _engineer(db))
+        await log_in(client, await name_of(db, world.engineer_id))
         assert (await client.get("/releases")).status_code == 200
         page = await client.get("/releases", params={"series": series})
         assert page.status_code == 200
@@ -171,6 +144,6 @@ async def test_releases_page_is_for_staff(world: World, db: Database) -> None:
             assert text in page.text
         assert 'href="/releases"' in (await client.get("/plans")).text
     async with client_for(world.app) as client:
-        await log_in(client, await _name(db, world.own.user_id))
+        await log_in(client, await name_of(db, world.own.user_id))
         assert (await client.get("/releases")).status_code == 403
         assert 'href="/releases"' not in (await client.get("/plans")).text

@@ -11,38 +11,12 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from sqlmodel import select
 
 from server.core.db import Database
-from server.models import Fault, User
-from tests.server.test_api_common import World, client_for, seed_world
-from tests.server.web.helpers import PASSWORD, csrf_of, give_password, log_in, serving
+from server.models import Fault
+from tests.server.test_api_common import World, client_for
+from tests.server.web.helpers import PASSWORD, csrf_of, log_in, name_of, serving
 from tests.support.waiting import wait_for
-
-
-@pytest.fixture
-async def world(db: Database) -> World:
-    """The seeded world; every user of it gets the test password."""
-    w = await seed_world(db)
-    async with db.session() as session:
-        names = (await session.exec(select(User.name).where(User.password_hash.is_(None)))).all()  # type: ignore[union-attr]
-    for name in names:
-        await give_password(db, name)
-    return w
-
-
-async def _name_of(db: Database, user_id: int) -> str:
-    async with db.session() as session:
-        user = await session.get(User, user_id)
-        assert user is not None
-        return user.name
-
-
-async def _staff_name(db: Database, role: str) -> str:
-    async with db.session() as session:
-        return (await session.exec(
-            select(User.name).where(User.role == role).order_by(User.id.desc())  # type: ignore[union-attr]
-        )).first() or ""
 
 
 async def test_pages_need_a_log_in_and_forms_have_labels(world: World) -> None:
@@ -61,7 +35,7 @@ async def test_pages_need_a_log_in_and_forms_have_labels(world: World) -> None:
 
 async def test_log_in_needs_the_csrf_token_and_the_right_password(world: World, db: Database
                                                                    ) -> None:
-    name = await _name_of(db, world.own.user_id)
+    name = await name_of(db, world.own.user_id)
     async with client_for(world.app) as client:
         token = csrf_of((await client.get("/login")).text)
         no_csrf = await client.post("/login", data={"username": name, "password": PASSWORD})
@@ -88,7 +62,7 @@ async def test_log_in_needs_the_csrf_token_and_the_right_password(world: World, 
 
 
 async def test_customer_sees_only_its_own_sites(world: World, db: Database) -> None:
-    name = await _name_of(db, world.own.user_id)
+    name = await name_of(db, world.own.user_id)
     async with client_for(world.app) as client:
         await log_in(client, name)
         fleet = (await client.get("/")).text
@@ -111,7 +85,7 @@ async def test_customer_sees_only_its_own_sites(world: World, db: Database) -> N
 
 async def test_engineer_sees_every_site_and_fault_classes(world: World, db: Database) -> None:
     async with client_for(world.app) as client:
-        await log_in(client, await _staff_name(db, "engineer"))
+        await log_in(client, await name_of(db, world.engineer_id))
         fleet = (await client.get("/")).text
         assert world.own.site_code in fleet
         assert world.other.site_code in fleet
@@ -127,7 +101,7 @@ async def test_engineer_sees_every_site_and_fault_classes(world: World, db: Data
 
 async def test_a_live_region_is_rendered_alone(world: World, db: Database) -> None:
     async with client_for(world.app) as client:
-        await log_in(client, await _staff_name(db, "engineer"))
+        await log_in(client, await name_of(db, world.engineer_id))
         fragment = await client.get("/faults?fragment=list")
         assert fragment.status_code == 200
         assert "<html" not in fragment.text
@@ -138,7 +112,7 @@ async def test_a_live_region_is_rendered_alone(world: World, db: Database) -> No
 
 
 async def test_a_log_in_expires(world: World, db: Database) -> None:
-    name = await _name_of(db, world.own.user_id)
+    name = await name_of(db, world.own.user_id)
     async with client_for(world.app) as client:
         await log_in(client, name)
         assert (await client.get("/")).status_code == 200
@@ -174,7 +148,7 @@ async def test_password_api(world: World, db: Database) -> None:
         shown = (await me.get("/api/v1/users/me")).json()
         assert "password_hash" not in shown
     async with client_for(world.app) as client:
-        await log_in(client, await _name_of(db, world.own.user_id), "yet another password")
+        await log_in(client, await name_of(db, world.own.user_id), "yet another password")
 
 
 async def test_unknown_pages_are_html_and_unknown_api_routes_json(world: World) -> None:
@@ -193,7 +167,7 @@ async def test_unknown_pages_are_html_and_unknown_api_routes_json(world: World) 
 async def test_events_stream_names_what_changed(world: World, db: Database) -> None:
     world.app.state.settings.web.__dict__["live_interval_s"] = 0.1  # frozen model: test only
     async with serving(world.app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
-        await log_in(client, await _staff_name(db, "engineer"))
+        await log_in(client, await name_of(db, world.engineer_id))
         assert (await client.get("/events?topic=bogus")).status_code == 422
         async with client.stream("GET", "/events?topic=faults&topic=units") as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
@@ -240,7 +214,7 @@ async def test_ticket_clocks_count_down_with_words_not_only_colour(
     monkeypatch.setattr("server.web.tickets.AT_RISK_LIMIT", 100_000)
     tid = await _ticket(db, world)
     async with client_for(world.app) as client:
-        await log_in(client, await _staff_name(db, "engineer"))
+        await log_in(client, await name_of(db, world.engineer_id))
         page = (await client.get("/tickets?fragment=list")).text
         assert f"#{tid} ticket {world.own.marker}" in page
         assert "on track" in page
@@ -262,7 +236,7 @@ async def test_ticket_clocks_count_down_with_words_not_only_colour(
 async def test_engineer_records_a_call_and_a_diagnosis(world: World, db: Database) -> None:
     tid = await _ticket(db, world, "B")
     async with client_for(world.app) as client:
-        await log_in(client, await _staff_name(db, "engineer"))
+        await log_in(client, await name_of(db, world.engineer_id))
         page = (await client.get(f"/tickets/{tid}")).text
         assert '<label for="phone-notes">' in page
         token = csrf_of(page)
@@ -286,10 +260,10 @@ async def test_engineer_records_a_call_and_a_diagnosis(world: World, db: Databas
 async def test_customer_comments_but_does_not_move_tickets(world: World, db: Database) -> None:
     tid = await _ticket(db, world)
     async with client_for(world.app) as client:
-        await log_in(client, await _name_of(db, world.other.user_id))
+        await log_in(client, await name_of(db, world.other.user_id))
         assert (await client.get(f"/tickets/{tid}")).status_code == 404
     async with client_for(world.app) as client:
-        await log_in(client, await _name_of(db, world.own.user_id))
+        await log_in(client, await name_of(db, world.own.user_id))
         page = (await client.get(f"/tickets/{tid}")).text
         assert 'action="/tickets/' in page
         assert "phone-notes" not in page
@@ -307,7 +281,7 @@ async def test_session_request_approve_revoke_and_recording(world: World, db: Da
     from server.sessions.models import SessionRecording
 
     tid = await _ticket(db, world, "B")
-    engineer = await _staff_name(db, "engineer")
+    engineer = await name_of(db, world.engineer_id)
     async with client_for(world.app) as eng:
         await log_in(eng, engineer)
         page = (await eng.get("/sessions")).text
@@ -319,11 +293,11 @@ async def test_session_request_approve_revoke_and_recording(world: World, db: Da
         sid = r.headers["location"].rsplit("/", 1)[1]
         assert "Approve access" not in (await eng.get(f"/sessions/{sid}")).text
     async with client_for(world.app) as other:
-        await log_in(other, await _name_of(db, world.other.user_id))
+        await log_in(other, await name_of(db, world.other.user_id))
         assert (await other.get(f"/sessions/{sid}")).status_code == 404
         assert sid not in (await other.get("/sessions")).text
     async with client_for(world.app) as cust:
-        await log_in(cust, await _name_of(db, world.own.user_id))
+        await log_in(cust, await name_of(db, world.own.user_id))
         page = (await cust.get(f"/sessions/{sid}")).text
         assert "look at the inverter log" in page
         r = await cust.post(f"/sessions/{sid}/approve", data={"csrf_token": csrf_of(page)})
@@ -355,12 +329,12 @@ async def test_plans_are_scoped_to_the_customer(world: World, db: Database) -> N
         plan_id, _ = await seed_upgrade_plan(session, world.own.org_id, world.own.site_id,
                                              world.own.unit_id, world.own.marker, world.clock())
     async with client_for(world.app) as client:
-        await log_in(client, await _name_of(db, world.other.user_id))
+        await log_in(client, await name_of(db, world.other.user_id))
         assert (await client.get(f"/plans/{plan_id}")).status_code == 404
         assert (await client.get(f"/plans/{plan_id}/document")).status_code == 404
         assert world.own.marker not in (await client.get("/plans")).text
     async with client_for(world.app) as client:
-        await log_in(client, await _name_of(db, world.own.user_id))
+        await log_in(client, await name_of(db, world.own.user_id))
         page = await client.get(f"/plans/{plan_id}")
         assert page.status_code == 200
         assert f"impact {world.own.marker}" in page.text
@@ -376,13 +350,13 @@ async def test_sla_report_page(world: World, db: Database) -> None:
     tid = await _ticket(db, world, "A")
     month = world.clock().strftime("%Y-%m")
     async with client_for(world.app) as client:
-        await log_in(client, await _staff_name(db, "engineer"))
+        await log_in(client, await name_of(db, world.engineer_id))
         page = await client.get(f"/sla?month={month}")
         assert page.status_code == 200
         assert "<svg" in page.text
         assert f"SLA report {month}" in page.text
         assert (await client.get("/sla?month=nope")).status_code == 422
     async with client_for(world.app) as client:
-        await log_in(client, await _name_of(db, world.other.user_id))
+        await log_in(client, await name_of(db, world.other.user_id))
         assert world.own.marker not in (await client.get(f"/sla?month={month}")).text
     assert tid
