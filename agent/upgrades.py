@@ -87,6 +87,9 @@ class UpgradeOptions:
     state_poll_s: float = 0.2
     install_timeout_s: float = 300.0
     settle_poll_s: float = 1.0
+    answer_grace_s: float = 30.0
+    """After the install a unit may miss reads (a busy link, a slow restart) for this long
+    before the job fails as `does not answer`; a wrong version or an alarm fails at once."""
     download_attempts: int = 8
     download_backoff_s: float = 0.5
     http_timeout_s: float = 30.0
@@ -398,12 +401,16 @@ class UpgradeExecutor:
     async def _postchecks(self, unit: UnitAccess, version: str, settle_s: float) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + settle_s
+        answer_by = loop.time() + max(settle_s, self.options.answer_grace_s)
         while True:
             try:
                 v = await self._read(unit, ("emu.FwVer", "emu.Status", "emu.Alarm"))
             except DeviceError as exc:
-                raise UpgradeFailed(f"{unit.name} does not answer after the install: {exc}") \
-                    from exc
+                if loop.time() >= answer_by:
+                    raise UpgradeFailed(f"{unit.name} does not answer after the install: "
+                                        f"{exc}") from exc
+                await asyncio.sleep(self.options.settle_poll_s)
+                continue
             if v.get("emu.FwVer") != version:
                 raise UpgradeFailed(f"{unit.name} runs {v.get('emu.FwVer')}, not {version}")
             problems = health_problems(unit.profile, v)

@@ -125,7 +125,7 @@ async def stack(mqtt_broker: BrokerInfo, upgrades_db_url: str, tmp_path: Path,
                 host, port, uid = sim.where(n)
                 devices.append(DeviceSettings(
                     name=f"bs-{n}", protocol="modbus-tcp", host=host, port=port, unit_id=uid,
-                    profile="EMU-BS", poll_interval_s=1.0, timeout_s=0.5, retries=0))
+                    profile="EMU-BS", poll_interval_s=1.0, timeout_s=2.0, retries=1))
             agent = Agent(AgentSettings(
                 site=code, state_dir=tmp_path / code,
                 broker=BrokerSettings(url=mqtt_broker.url, protocol=protocol),

@@ -6,16 +6,17 @@ simulated over Modbus TCP; the window is on the shared manual clock.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.errors import UpgradeFailed, UpgradeRefused, UpgradeRolledBack
+from agent.errors import DeviceError, UpgradeFailed, UpgradeRefused, UpgradeRolledBack
 from protocols.clock import ManualClock
 from protocols.packages import Package, PackageRef, UpgradeJob
 from protocols.signing import Ed25519PrivateKey, generate_private_key
@@ -135,6 +136,52 @@ async def test_a_failed_install_is_rolled_back(rig: Rig, mode: str) -> None:
     assert unit.firmware.version == "1.0.0"
     assert not unit.firmware.broken
     assert [p["stage"] for p in rig.progress][-2:] == ["rolling_back", "rolled_back"]
+
+
+def _in_postchecks(rig: Rig) -> bool:
+    return bool(rig.progress) and rig.progress[-1]["stage"] == "postchecks"
+
+
+async def test_reads_missed_after_the_install_are_waited_for(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy link or a slow restart costs a few reads, not the upgrade (`answer_grace_s`)."""
+    ex = rig.site.executor
+    real_read = ex._read
+    missed: list[str] = []
+
+    async def flaky(unit: Any, names: tuple[str, ...]) -> Any:
+        if _in_postchecks(rig) and len(missed) < 3:  # the post-checks' first reads
+            missed.append(unit.name)
+            raise DeviceError("timed out")
+        return await real_read(unit, names)
+
+    monkeypatch.setattr(ex, "_read", flaky)
+    detail = await ex.run(await rig.job(), rig.report)
+    assert detail["outcome"] == "installed"
+    assert missed == ["bs-1"] * 3
+
+
+async def test_a_unit_silent_past_the_grace_is_rolled_back(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ex = rig.site.executor
+    monkeypatch.setattr(ex, "options", replace(ex.options, answer_grace_s=0.2))
+    real_read = ex._read
+    silent = True
+
+    async def mute(unit: Any, names: tuple[str, ...]) -> Any:
+        nonlocal silent
+        if _in_postchecks(rig) and silent:
+            silent = False  # once the job gave up on it, the unit answers the rollback
+            await asyncio.sleep(0.3)  # past the grace
+            raise DeviceError("timed out")
+        return await real_read(unit, names)
+
+    monkeypatch.setattr(ex, "_read", mute)
+    with pytest.raises(UpgradeRolledBack, match="does not answer after the install"):
+        await ex.run(await rig.job(), rig.report)
+    assert rig.site.unit("bs-1").firmware.version == "1.0.0"
 
 
 async def test_tampered_package_is_refused_before_install(
