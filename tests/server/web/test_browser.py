@@ -15,29 +15,18 @@ from sqlmodel import select
 
 from server.core.db import Database
 from server.models import Fault, User
-from tests.server.test_api_common import World, seed_world
-from tests.server.web.helpers import PASSWORD, give_password, serving
+from tests.server.test_api_common import World
+from tests.server.web.helpers import PASSWORD, name_of, serving
 from tests.support.browser import browser_context, needs_chromium, screenshots
 
 pytestmark = [needs_chromium, pytest.mark.integration]
 
 
 @pytest.fixture
-async def world(db: Database) -> World:
-    """The seeded world, with passwords for its customer of "own" and an engineer."""
-    w = await seed_world(db)
-    w.app.state.settings.web.__dict__["live_interval_s"] = 0.2  # frozen model: test only
-    return w
-
-
-async def _user(db: Database, role: str, user_id: int | None = None) -> str:
-    async with db.session() as session:
-        stmt = select(User).where(User.id == user_id) if user_id else select(User).where(
-            User.role == role).order_by(User.id.desc())  # type: ignore[union-attr]
-        user = (await session.exec(stmt)).first()
-        assert user is not None
-    await give_password(db, user.name)
-    return user.name
+async def world(world: World) -> World:
+    """The dashboard tests' world (its users can log in), with live updates every 0.2 s."""
+    world.app.state.settings.web.__dict__["live_interval_s"] = 0.2  # frozen model: test only
+    return world
 
 
 async def log_in(page: Page, url: str, name: str) -> None:
@@ -52,7 +41,7 @@ async def log_in(page: Page, url: str, name: str) -> None:
 async def test_engineer_sees_a_fault_appear_without_reloading(
     world: World, db: Database, tmp_path: Path
 ) -> None:
-    name = await _user(db, "engineer")
+    name = await name_of(db, world.engineer_id)
     async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
         page = await context.new_page()
         await log_in(page, url, name)
@@ -83,7 +72,7 @@ async def test_engineer_sees_a_fault_appear_without_reloading(
 async def test_customer_cannot_open_another_organisations_site(
     world: World, db: Database, tmp_path: Path
 ) -> None:
-    name = await _user(db, "customer", world.own.user_id)
+    name = await name_of(db, world.own.user_id)
     async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
         page = await context.new_page()
         await log_in(page, url, name)
@@ -104,8 +93,8 @@ async def test_customer_approves_a_session(world: World, db: Database, tmp_path:
     from server.sessions.ops import SessionOps
     from server.tickets import service
 
-    customer = await _user(db, "customer", world.own.user_id)
-    engineer_name = await _user(db, "engineer")
+    customer = await name_of(db, world.own.user_id)
+    engineer_name = await name_of(db, world.engineer_id)
     async with db.session() as session:
         engineer = (await session.exec(select(User).where(User.name == engineer_name))).one()
         ticket = await service.open_ticket(session, site_id=world.own.site_id, source="phone",
@@ -143,7 +132,7 @@ async def test_customer_confirms_and_signs_a_plan(world: World, db: Database,
     from server.upgrades.models import ReleasePackage, UpgradePlan
     from tests.support.upgrades_seed import seed_upgrade_plan
 
-    customer = await _user(db, "customer", world.own.user_id)
+    customer = await name_of(db, world.own.user_id)
     async with db.session() as session:
         plan_id, release_id = await seed_upgrade_plan(
             session, world.own.org_id, world.own.site_id, world.own.unit_id, world.own.marker,
@@ -187,7 +176,7 @@ async def test_customer_acknowledges_a_commissioning_plan(world: World, db: Data
     from tests.server.web.test_commissioning_pages import _issued_plan
 
     plan_id = await _issued_plan(world, db)
-    customer = await _user(db, "customer", world.own.user_id)
+    customer = await name_of(db, world.own.user_id)
     async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
         page = await context.new_page()
         await log_in(page, url, customer)
@@ -211,7 +200,7 @@ async def test_engineer_sees_the_releases(world: World, db: Database, tmp_path: 
     async with db.session() as session:
         await seed_upgrade_plan(session, world.own.org_id, world.own.site_id,
                                 world.own.unit_id, world.own.marker, world.clock())
-    engineer = await _user(db, "engineer")
+    engineer = await name_of(db, world.engineer_id)
     async with serving(world.app) as url, browser_context(tmp_path / "chromium") as context:
         page = await context.new_page()
         await log_in(page, url, engineer)
