@@ -186,6 +186,10 @@ async def test_agents_back_online_get_their_open_commands_in_one_go(
     async def deliver(cid: str) -> None:
         delivered.append(cid)
 
+    async def no_timer(now: object) -> None:  # the scheduler's redelivery would deliver too
+        return None
+
+    monkeypatch.setattr(stack.proc.commands, "tick", no_timer)
     monkeypatch.setattr(stack.proc.commands, "_deliver", deliver)
     await stack.proc.commands.redeliver_sites([])
     await stack.proc.commands.redeliver_sites([row.site_id + 10_000])  # no such site
