@@ -186,10 +186,15 @@ async def test_agents_back_online_get_their_open_commands_in_one_go(
     async def deliver(cid: str) -> None:
         delivered.append(cid)
 
-    async def no_timer(now: object) -> None:  # the scheduler's redelivery would deliver too
-        return None
+    skipped = asyncio.Event()
+
+    async def no_timer(now: object = None) -> tuple[int, int]:
+        skipped.set()  # the scheduler's own redelivery would deliver the command too
+        return 0, 0
 
     monkeypatch.setattr(stack.proc.commands, "tick", no_timer)
+    # once the scheduler has called the stub, no tick of its own is still under way
+    await wait_for(skipped.wait(), 10, "the scheduler to pass its redelivery")
     monkeypatch.setattr(stack.proc.commands, "_deliver", deliver)
     await stack.proc.commands.redeliver_sites([])
     await stack.proc.commands.redeliver_sites([row.site_id + 10_000])  # no such site
